@@ -1,0 +1,32 @@
+# Every target creates .venv on first use, so `make demo` and `make test` are the only
+# set-up a fresh machine needs.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench bench-quick clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev,metrics]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/onceflow demo
+
+test: $(STAMP)
+	$(BIN)/pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+bench: $(STAMP)
+	bash bench/make_bytewax_venv.sh
+	$(BIN)/python bench/bench_embedded.py
+
+clean:
+	rm -rf $(VENV) .venv-bytewax demo-data

@@ -1,0 +1,58 @@
+"""onceflow: stream processing with an end-to-end exactly-once guarantee.
+
+    from onceflow import App
+
+    app = App("payments", store="payments.db")
+    (app.source("transfers")
+        .dedupe(name="payment-ids", key=lambda t: t["id"], ttl=7 * 86400)
+        .process(name="balances", fn=apply_transfer)
+        .to("ledger"))
+    app.run()
+"""
+
+from ._app import App, RunStats
+from ._consumer import Consumer
+from ._dataflow import Stream
+from ._errors import (
+    CommitError,
+    ConfigError,
+    FencedError,
+    MissingExtraError,
+    OnceflowError,
+    SinkGuaranteeError,
+    StoreError,
+    TopologyError,
+    UserFunctionError,
+)
+from ._hooks import Hooks
+from ._producer import Producer
+from ._records import Record, SendResult
+from ._sinks import CallbackSink, FileSink, Sink, SQLiteTableSink
+from ._state import State
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "App",
+    "CallbackSink",
+    "CommitError",
+    "ConfigError",
+    "Consumer",
+    "FencedError",
+    "FileSink",
+    "Hooks",
+    "MissingExtraError",
+    "OnceflowError",
+    "Producer",
+    "Record",
+    "RunStats",
+    "SQLiteTableSink",
+    "SendResult",
+    "Sink",
+    "SinkGuaranteeError",
+    "State",
+    "StoreError",
+    "Stream",
+    "TopologyError",
+    "UserFunctionError",
+]

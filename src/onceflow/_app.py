@@ -1,0 +1,331 @@
+"""App: the entry object. It owns the dataflow, builds it, and runs the epoch loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from ._checkpoint import Checkpoint
+from ._crash import from_env
+from ._dataflow import STATEFUL, Step, Stream, signature, validate
+from ._embedded import EmbeddedSession
+from ._errors import CommitError, ConfigError, SinkGuaranteeError
+from ._hooks import Hooks, _Fanout
+from ._runtime import DedupStep, Executor
+from ._serde import Encoding, decoder_for
+from ._settings import Settings
+from ._sinks import Sink
+from ._sqlite import SQLiteStore, store_path, validate_topic_name
+from ._state import StepState
+
+log = logging.getLogger("onceflow")
+
+Guarantee = Literal["exactly-once", "at-least-once"]
+
+# A commit that keeps failing for reasons other than fencing (disk full, a corrupt
+# file) is retried this many times, rewinding each time, before the App gives up.
+_MAX_FAILED_COMMITS = 5
+
+
+@dataclass
+class RunStats:
+    """What one `App.run()` did, counted from committed epochs only."""
+
+    records_in: int = 0
+    records_out: int = 0
+    commits: int = 0
+    duplicates: int = 0
+    dead_letters: int = 0
+    seconds: float = 0.0
+
+
+class App:
+    """A stream-processing application with an exactly-once guarantee.
+
+        >>> from onceflow import App
+        >>> app = App("doubler", store="demo.db")                     # doctest: +SKIP
+        >>> app.source("numbers").map(lambda v: v * 2).to("doubled")  # doctest: +SKIP
+        >>> app.run(until_idle=True)                                  # doctest: +SKIP
+
+    Arguments left as None come from `ONCEFLOW_*` environment variables (see
+    `onceflow --help`), then from the defaults.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        store: str | os.PathLike[str] | None = None,
+        guarantee: Guarantee = "exactly-once",
+        commit_interval: float | None = None,
+        commit_every: int | None = None,
+        max_batch: int | None = None,
+        partitions: int | None = None,
+        dead_letter_topic: str | None = None,
+        on_error: Literal["dead-letter", "stop"] = "dead-letter",
+        hooks: Sequence[Hooks] = (),
+        state_cache_keys: int = 200_000,
+    ) -> None:
+        settings = Settings.from_env()
+        validate_topic_name(name)
+        if guarantee not in ("exactly-once", "at-least-once"):
+            raise ConfigError(
+                f"guarantee must be 'exactly-once' or 'at-least-once', got {guarantee!r}"
+            )
+        if on_error not in ("dead-letter", "stop"):
+            raise ConfigError(f"on_error must be 'dead-letter' or 'stop', got {on_error!r}")
+        self.name = name
+        self.store = os.fspath(store) if store is not None else settings.store
+        self.guarantee = guarantee
+        self.commit_interval = (
+            commit_interval if commit_interval is not None else settings.commit_interval
+        )
+        self.commit_every = commit_every if commit_every is not None else settings.commit_every
+        self.max_batch = max_batch if max_batch is not None else settings.max_batch
+        self.partitions = partitions if partitions is not None else settings.partitions
+        if self.commit_interval <= 0:
+            raise ConfigError(f"commit_interval must be > 0 seconds, got {self.commit_interval}")
+        if self.commit_every < 1 or self.max_batch < 1 or self.partitions < 1:
+            raise ConfigError("commit_every, max_batch and partitions must be at least 1")
+        self.dead_letter_topic = dead_letter_topic or f"{name}.dead-letters"
+        validate_topic_name(self.dead_letter_topic)
+        self.on_error = on_error
+        self.hooks = list(hooks)
+        self.state_cache_keys = state_cache_keys
+        self._sources: list[Step] = []
+        self._steps: list[Step] = []
+        self._ids = 0
+        self._stop = threading.Event()
+        self.stats = RunStats()
+
+    # -- building -------------------------------------------------------------------
+
+    def source(
+        self,
+        topic: str,
+        *,
+        value: Encoding | Callable[[bytes], Any] = "json",
+        schema: type | None = None,
+        partitions: int | None = None,
+    ) -> Stream:
+        """A stream of the committed records of `topic`, decoded by `value` (and validated
+        against a msgspec `schema` if given). Records that fail go to the dead letters."""
+        validate_topic_name(topic)
+        if any(s.options["topic"] == topic for s in self._sources):
+            raise ConfigError(f"topic '{topic}' is already a source of app '{self.name}'")
+        step = Step(
+            "source",
+            f"source-{topic}",
+            None,
+            decoder_for(value, schema),
+            {"topic": topic, "partitions": partitions},
+        )
+        self._sources.append(step)
+        return Stream(self, step)
+
+    def _next_step_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    def _register(self, step: Step) -> None:
+        self._steps.append(step)
+
+    def _sinks(self) -> dict[str, Sink]:
+        sinks: dict[str, Sink] = {}
+        for step in self._steps:
+            if step.kind == "sink":
+                if step.name in sinks and sinks[step.name] is not step.fn:
+                    raise ConfigError(f"two sinks are named '{step.name}'; pass name= to one")
+                sinks[step.name] = step.fn
+        return sinks
+
+    def build(self) -> None:
+        """Check the dataflow without running it; `run()` calls this first."""
+        if not self._sources:
+            raise ConfigError(f"app '{self.name}' has no source; call app.source('topic')")
+        validate(self._sources)
+        if self.guarantee == "exactly-once":
+            for sink in self._sinks().values():
+                if sink.guarantee == "at-least-once":
+                    raise SinkGuaranteeError(
+                        f"sink '{sink.name}' ({type(sink).__name__}) is at-least-once, and app "
+                        f"'{self.name}' promises exactly-once. Operator action: use a "
+                        "transactional or idempotent sink (to(topic), SQLiteTableSink, FileSink)"
+                        ", or build the App with guarantee='at-least-once'"
+                    )
+
+    def stop(self) -> None:
+        """Ask `run()` to commit what it has and return. Safe from any thread."""
+        self._stop.set()
+
+    # -- running --------------------------------------------------------------------
+
+    def run(self, *, until_idle: bool = False, timeout: float | None = None) -> RunStats:
+        """Process until `stop()`, SIGTERM/SIGINT, or (with `until_idle`) until every source
+        is drained and committed. Returns what the committed epochs did."""
+        self.build()
+        t_start = time.monotonic()
+        store = SQLiteStore(store_path(self.store))
+        hooks = _Fanout(self.hooks)
+        crash = from_env()
+        self._stop.clear()
+        restore = self._install_signals()
+        try:
+            owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+            session = EmbeddedSession(store, self.name, owner)
+            session.ensure_topics(self._topics())
+            session.check_topology(
+                signature(self._sources), f"onceflow reset {self.name} --store {self.store}"
+            )
+            sources = [s.options["topic"] for s in self._sources]
+            session.acquire(sources)
+            positions = session.committed_positions()
+            states = {
+                s.name: StepState(s.name, session.load_state, self.state_cache_keys)
+                for s in self._steps
+                if s.kind in ("reduce", "process")
+            }
+            dedups = {
+                s.name: DedupStep(
+                    s.name, s.options["ttl"], s.options["max_keys"], s.options["replay_to"]
+                )
+                for s in self._steps
+                if s.kind == "dedupe"
+            }
+            sinks = self._sinks()
+            with store.lock:
+                for sink in sinks.values():
+                    if hasattr(sink, "_crash"):
+                        sink._crash = crash
+                    sink.open(self.name, store.conn)
+            executor = Executor(
+                app_name=self.name,
+                dead_letter_topic=self.dead_letter_topic,
+                on_error=self.on_error,
+                states=states,
+                dedups=dedups,
+                load_dedup=session.load_dedup,
+                hooks=hooks,
+            )
+            cp = Checkpoint(
+                session=session,
+                executor=executor,
+                states=states,
+                dedups=dedups,
+                sinks=sinks,
+                crash=crash,
+                hooks=hooks,
+                exactly_once=self.guarantee == "exactly-once",
+            )
+            cp.committed_positions = dict(positions)
+            hooks.recovered(time.monotonic() - t_start, dict(positions))
+            roots = {s.options["topic"]: s for s in self._sources}
+            self._loop(session, executor, cp, roots, positions, crash, until_idle, timeout)
+            for sink in sinks.values():
+                sink.close()
+        finally:
+            restore()
+            store.close()
+        self.stats.seconds = time.monotonic() - t_start
+        return self.stats
+
+    def _topics(self) -> dict[str, int]:
+        topics = {self.dead_letter_topic: self.partitions}
+        for s in self._sources:
+            topics[s.options["topic"]] = s.options["partitions"] or self.partitions
+        for s in self._steps:
+            if s.kind == "to":
+                topics.setdefault(s.options["topic"], self.partitions)
+            if s.kind == "dedupe" and s.options["replay_to"]:
+                topics.setdefault(s.options["replay_to"], self.partitions)
+        return topics
+
+    def _loop(
+        self,
+        session: EmbeddedSession,
+        executor: Executor,
+        cp: Checkpoint,
+        roots: dict[str, Step],
+        positions: dict[tuple[str, int], int],
+        crash: Callable[[str], None],
+        until_idle: bool,
+        timeout: float | None,
+    ) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last_commit = time.monotonic()
+        failures = 0
+        while not self._stop.is_set():
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            batches = session.poll(positions, self.max_batch)
+            if batches:
+                crash("after_poll")
+                for i, b in enumerate(batches):
+                    root = roots[b.topic]
+                    executor.run(root, b, root.fn)
+                    if i == 0:
+                        crash("mid_batch")
+                positions.update(executor.epoch.positions)
+            ep = executor.epoch
+            due = (
+                ep.records_in >= self.commit_every
+                or time.monotonic() - last_commit >= self.commit_interval
+            )
+            if due or (not batches and ep.records_in):
+                try:
+                    self._commit(cp, ep)
+                    failures = 0
+                except CommitError as exc:
+                    failures += 1
+                    log.error("%s (attempt %d of %d)", exc, failures, _MAX_FAILED_COMMITS)
+                    positions.clear()
+                    positions.update(session.committed_positions())
+                    if failures >= _MAX_FAILED_COMMITS:
+                        raise
+                    time.sleep(0.05 * failures)
+                last_commit = time.monotonic()
+            elif not batches:
+                if until_idle:
+                    break
+                time.sleep(min(0.01, self.commit_interval))
+        self._commit(cp, executor.epoch)
+
+    def _commit(self, cp: Checkpoint, ep: Any) -> None:
+        n_in, dups, dead, n_out = ep.records_in, ep.duplicates, len(ep.dead_letters), len(
+            ep.outputs
+        )
+        if cp.commit():
+            self.stats.records_in += n_in
+            self.stats.records_out += n_out
+            self.stats.duplicates += dups
+            self.stats.dead_letters += dead
+            self.stats.commits += 1
+
+    def _install_signals(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {}
+
+        def handler(signum: int, frame: Any) -> None:
+            self.stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+
+        def restore() -> None:
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+
+        return restore
+
+
+def stateful_steps(app: App) -> list[Step]:
+    return [s for s in app._steps if s.kind in STATEFUL]

@@ -1,0 +1,323 @@
+"""The embedded backend: what one App process does against the SQLite store.
+
+The commit protocol itself lives in `_checkpoint.py`; this module supplies the store
+operations it is made of, so that another backend (Kafka) supplies the same ones.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from ._errors import FencedError, StoreError, TopologyError
+from ._records import OutRecord
+from ._runtime import Batch
+from ._sqlite import SQLiteStore, encode_headers, partition_for
+
+PartKey = tuple[int, str]
+
+
+class EmbeddedSession:
+    """One App process's hold on the store: its leases, positions, state and commits."""
+
+    def __init__(self, store: SQLiteStore, app: str, owner: str) -> None:
+        self.store = store
+        self.conn = store.conn
+        self.app = app
+        self.owner = owner
+        self.leases: dict[tuple[int, int], int] = {}
+        self.assigned: list[tuple[str, int, int]] = []  # (topic, topic id, partition)
+
+    # -- start ----------------------------------------------------------------------
+
+    def ensure_topics(self, topics: dict[str, int]) -> None:
+        for name, partitions in topics.items():
+            self.store.ensure_topic(name, partitions)
+
+    def check_topology(self, sig: list[list[str]], reset_hint: str) -> None:
+        """Refuse to run a changed set of stateful steps over state written by another."""
+        text = json.dumps(sig)
+        with self.store.transaction() as conn:
+            row = conn.execute("SELECT topology FROM apps WHERE app=?", (self.app,)).fetchone()
+            if row is None:
+                conn.execute(
+                    "INSERT INTO apps(app, topology, commits) VALUES(?,?,0)", (self.app, text)
+                )
+                return
+            if row[0] == text:
+                return
+            old = {s[0]: s for s in json.loads(row[0])}
+            new = {s[0]: s for s in sig}
+            problems = []
+            for name, s in old.items():
+                if name not in new:
+                    problems.append(f"step '{name}' ({s[1]} on '{s[2]}') has state but is gone")
+                elif new[name] != s:
+                    problems.append(
+                        f"step '{name}' was {s[1]} on '{s[2]}', now {new[name][1]} on "
+                        f"'{new[name][2]}'"
+                    )
+            for name, s in new.items():
+                if name not in old:
+                    problems.append(
+                        f"step '{name}' ({s[1]}) is new, and would start with empty state "
+                        "mid-stream"
+                    )
+            raise TopologyError(
+                f"app '{self.app}' changed its stateful steps over existing state: "
+                + "; ".join(problems)
+                + f". Operator action: restore the previous pipeline, or drop the app's "
+                f"state and offsets with `{reset_hint}` to reprocess from the start"
+            )
+
+    def acquire(self, sources: Iterable[str]) -> None:
+        """Take every partition of the sources, raising its lease epoch.
+
+        A process that held them before (a paused zombie, the previous incarnation)
+        still has the old epoch and fails the check inside its next commit.
+        """
+        now = time.time()
+        assigned = []
+        with self.store.transaction() as conn:
+            for topic in sources:
+                found = self.store.topic(topic)
+                assert found is not None
+                tid, nparts = found
+                for part in range(nparts):
+                    row = conn.execute(
+                        "SELECT epoch FROM leases WHERE app=? AND topic_id=? AND part=?",
+                        (self.app, tid, part),
+                    ).fetchone()
+                    epoch = 1 if row is None else row[0] + 1
+                    conn.execute(
+                        "INSERT INTO leases(app, topic_id, part, epoch, owner, acquired) "
+                        "VALUES(?,?,?,?,?,?) ON CONFLICT(app, topic_id, part) DO UPDATE SET "
+                        "epoch=excluded.epoch, owner=excluded.owner, acquired=excluded.acquired",
+                        (self.app, tid, part, epoch, self.owner, now),
+                    )
+                    self.leases[(tid, part)] = epoch
+                    assigned.append((topic, tid, part))
+        self.assigned = assigned
+
+    def committed_positions(self) -> dict[tuple[str, int], int]:
+        out = {}
+        with self.store.lock:
+            for topic, tid, part in self.assigned:
+                row = self.conn.execute(
+                    "SELECT next_offset FROM group_offsets WHERE grp=? AND topic_id=? AND part=?",
+                    (self.app, tid, part),
+                ).fetchone()
+                out[(topic, part)] = 0 if row is None else row[0]
+        return out
+
+    # -- reading --------------------------------------------------------------------
+
+    def poll(self, positions: dict[tuple[str, int], int], max_records: int) -> list[Batch]:
+        """Committed input records from the positions, grouped per source topic."""
+        by_topic: dict[str, Batch] = {}
+        per_part = max(64, max_records // max(1, len(self.assigned)))
+        total = 0
+        with self.store.lock:
+            for topic, tid, part in self.assigned:
+                if total >= max_records:
+                    break
+                rows = self.conn.execute(
+                    "SELECT off, key, value, ts, event_id FROM records "
+                    "WHERE topic_id=? AND part=? AND off>=? ORDER BY off LIMIT ?",
+                    (tid, part, positions[(topic, part)], min(per_part, max_records - total)),
+                ).fetchall()
+                if not rows:
+                    continue
+                total += len(rows)
+                b = by_topic.get(topic)
+                if b is None:
+                    b = by_topic[topic] = Batch(topic, [], [], [], [], [], [])
+                offs, keys, raws, tss, ids = zip(*rows, strict=True)
+                b.parts.extend([part] * len(rows))
+                b.offs.extend(offs)
+                b.keys.extend(keys)
+                b.raws.extend(raws)
+                b.tss.extend(tss)
+                b.ids.extend(ids)
+        return list(by_topic.values())
+
+    def load_state(self, step: str, pks: list[PartKey]) -> dict[PartKey, Any]:
+        out: dict[PartKey, Any] = {}
+        with self.store.lock:
+            for part, keys in _group(pks).items():
+                for chunk in _chunks(keys, 500):
+                    marks = ",".join("?" * len(chunk))
+                    for key, value in self.conn.execute(
+                        f"SELECT key, value FROM state WHERE app=? AND step=? AND part=? "
+                        f"AND key IN ({marks})",
+                        (self.app, step, part, *chunk),
+                    ):
+                        out[(part, key)] = msgspec.msgpack.decode(value)
+        return out
+
+    def load_dedup(self, step: str, pks: list[PartKey]) -> dict[PartKey, Any]:
+        out: dict[PartKey, Any] = {}
+        with self.store.lock:
+            for part, ids in _group(pks).items():
+                for chunk in _chunks(ids, 500):
+                    marks = ",".join("?" * len(chunk))
+                    for bid, seen, outcome in self.conn.execute(
+                        f"SELECT id, seen, outcome FROM dedup WHERE app=? AND step=? AND part=? "
+                        f"AND id IN ({marks})",
+                        (self.app, step, part, *chunk),
+                    ):
+                        out[(part, bid)] = (seen, outcome)
+        return out
+
+    # -- the commit's operations (called by Checkpoint, in its order) ---------------
+
+    def begin(self) -> sqlite3.Connection:
+        self.store.lock.acquire()
+        try:
+            from ._sqlite import _retry_locked
+
+            _retry_locked(lambda: self.conn.execute("BEGIN IMMEDIATE"))
+        except BaseException:
+            self.store.lock.release()
+            raise
+        return self.conn
+
+    def check_fence(self, conn: sqlite3.Connection) -> None:
+        rows = conn.execute(
+            "SELECT topic_id, part, epoch, owner FROM leases WHERE app=?", (self.app,)
+        ).fetchall()
+        current = {(r[0], r[1]): (r[2], r[3]) for r in rows}
+        for tp, epoch in self.leases.items():
+            now_epoch, owner = current.get(tp, (None, None))
+            if now_epoch != epoch:
+                raise FencedError(
+                    f"app '{self.app}': partition {tp[1]} of topic id {tp[0]} now has lease "
+                    f"epoch {now_epoch} (owner {owner}), this process holds epoch {epoch}. "
+                    "Another process took over; this one stops without committing"
+                )
+
+    def write_outputs(self, conn: sqlite3.Connection, outputs: list[OutRecord]) -> None:
+        by_topic: dict[str, list[OutRecord]] = {}
+        for rec in outputs:
+            by_topic.setdefault(rec.topic, []).append(rec)
+        for topic, recs in by_topic.items():
+            found = self.store.topic(topic)
+            if found is None:
+                raise StoreError(f"output topic '{topic}' vanished from the store")
+            tid, nparts = found
+            self.store.append(
+                conn,
+                tid,
+                [
+                    (
+                        partition_for(r.key, nparts, r.src_partition),
+                        r.key,
+                        r.value,
+                        encode_headers(r.headers),
+                        r.timestamp,
+                        r.id,
+                    )
+                    for r in recs
+                ],
+            )
+
+    def write_state(
+        self, conn: sqlite3.Connection, step: str, rows: list[tuple[int, str, bytes | None]]
+    ) -> None:
+        puts = [(self.app, step, p, k, v) for p, k, v in rows if v is not None]
+        dels = [(self.app, step, p, k) for p, k, v in rows if v is None]
+        if puts:
+            conn.executemany(
+                "INSERT INTO state(app, step, part, key, value) VALUES(?,?,?,?,?) "
+                "ON CONFLICT(app, step, part, key) DO UPDATE SET value=excluded.value",
+                puts,
+            )
+        if dels:
+            conn.executemany(
+                "DELETE FROM state WHERE app=? AND step=? AND part=? AND key=?", dels
+            )
+
+    def write_dedup(
+        self,
+        conn: sqlite3.Connection,
+        step: str,
+        rows: list[tuple[int, str, float, bytes | None]],
+    ) -> None:
+        conn.executemany(
+            "INSERT INTO dedup(app, step, part, id, seen, outcome) VALUES(?,?,?,?,?,?) "
+            "ON CONFLICT(app, step, part, id) DO UPDATE SET seen=excluded.seen, "
+            "outcome=excluded.outcome",
+            [(self.app, step, p, i, s, o) for p, i, s, o in rows],
+        )
+
+    def purge_dedup(
+        self, conn: sqlite3.Connection, step: str, ttl: float | None, max_keys: int | None
+    ) -> int:
+        """Apply a dedupe step's retention; returns how many ids were forgotten."""
+        n = 0
+        if ttl is not None:
+            n += conn.execute(
+                "DELETE FROM dedup WHERE app=? AND step=? AND seen<?",
+                (self.app, step, time.time() - ttl),
+            ).rowcount
+        if max_keys is not None:
+            row = conn.execute(
+                "SELECT seen FROM dedup WHERE app=? AND step=? ORDER BY seen DESC "
+                "LIMIT 1 OFFSET ?",
+                (self.app, step, max_keys),
+            ).fetchone()
+            if row is not None:
+                n += conn.execute(
+                    "DELETE FROM dedup WHERE app=? AND step=? AND seen<=?",
+                    (self.app, step, row[0]),
+                ).rowcount
+        return n
+
+    def write_positions(
+        self, conn: sqlite3.Connection, positions: dict[tuple[str, int], int]
+    ) -> None:
+        rows = []
+        for (topic, part), off in positions.items():
+            found = self.store.topic(topic)
+            assert found is not None
+            rows.append((found[0], part, off))
+        self.store.write_offsets(conn, self.app, rows)
+        conn.execute(
+            "UPDATE apps SET commits=commits+1, last_commit=? WHERE app=?",
+            (time.time(), self.app),
+        )
+
+    def commit(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("COMMIT")
+        finally:
+            self.store.lock.release()
+
+    def rollback(self, conn: sqlite3.Connection) -> None:
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        finally:
+            self.store.lock.release()
+
+    def outcome_of(self, positions: dict[tuple[str, int], int]) -> bool:
+        """After a COMMIT that raised: did it land? The committed offsets tell."""
+        committed = self.committed_positions()
+        return all(committed.get(tp) == off for tp, off in positions.items())
+
+
+def _group(pks: list[PartKey]) -> dict[int, list[str]]:
+    out: dict[int, list[str]] = {}
+    for part, key in pks:
+        out.setdefault(part, []).append(key)
+    return out
+
+
+def _chunks(items: list[str], n: int) -> Iterable[list[str]]:
+    for i in range(0, len(items), n):
+        yield items[i : i + n]

@@ -1,0 +1,402 @@
+"""Runs one polled batch through a stage's steps, into the epoch buffer.
+
+Elements are `(key, value, src)` tuples, `src` being the index of the input record in
+the batch; the index carries offset, partition, id and the original bytes to every
+step without a per-record object. Steps work on whole lists: a stateless step first
+tries one list comprehension and only on an exception falls back to one record at a
+time, to find the record that goes to the dead letters.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._dataflow import Step
+from ._errors import UserFunctionError
+from ._records import OutRecord
+from ._serde import dump_state, encoder_for, load_state
+from ._state import MISSING, State, StepState
+
+Item = tuple[Any, Any, int]
+_IMMUTABLE = (int, float, str, bytes, bool, type(None), tuple, frozenset)
+
+REPLAY_HEADER = "onceflow-replay"
+
+
+@dataclass
+class Batch:
+    """The records one poll returned for one source topic, as parallel lists."""
+
+    topic: str
+    parts: list[int]
+    offs: list[int]
+    keys: list[str | None]
+    raws: list[bytes]
+    tss: list[float]
+    ids: list[str | None]
+
+
+@dataclass
+class DedupStep:
+    """The ids one dedupe step has seen, per (partition, id), plus this epoch's new ones."""
+
+    name: str
+    ttl: float | None
+    max_keys: int | None
+    replay_to: str | None
+    seen: dict[tuple[int, str], Any] = field(default_factory=dict)
+    new: dict[tuple[int, str], tuple[float, tuple[str, int, int]]] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.seen.clear()
+        self.new.clear()
+
+
+@dataclass
+class Epoch:
+    """Everything one epoch will commit. Nothing in here is durable until commit."""
+
+    outputs: list[OutRecord] = field(default_factory=list)
+    # (stage topic, partition, offset) of the input behind each output, kept only when a
+    # dedupe step must remember what a first occurrence wrote.
+    out_src: list[tuple[str, int, int]] = field(default_factory=list)
+    dead_letters: list[OutRecord] = field(default_factory=list)
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    sink_rows: dict[str, list[tuple[Any, Any, tuple[str, int, int, int]]]] = field(
+        default_factory=dict
+    )
+    records_in: int = 0
+    duplicates: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def size(self) -> int:
+        return self.records_in
+
+
+class Executor:
+    """Applies a stage's step tree to batches, writing into the current epoch."""
+
+    def __init__(
+        self,
+        *,
+        app_name: str,
+        dead_letter_topic: str,
+        on_error: str,
+        states: dict[str, StepState],
+        dedups: dict[str, DedupStep],
+        load_dedup: Callable[[str, list[tuple[int, str]]], dict[tuple[int, str], Any]],
+        hooks: Any,
+    ) -> None:
+        self.app_name = app_name
+        self.dlq = dead_letter_topic
+        self.on_error = on_error
+        self.states = states
+        self.dedups = dedups
+        self._load_dedup = load_dedup
+        self.hooks = hooks
+        self.capture = any(d.replay_to for d in dedups.values())
+        self._encoders: dict[int, Callable[[Any], bytes]] = {}
+        self.epoch = Epoch()
+        self._replays: list[tuple[DedupStep, int, str, Batch]] = []
+
+    # -- entry ----------------------------------------------------------------------
+
+    def run(self, source: Step, batch: Batch, decode: Callable[[bytes], Any]) -> None:
+        ep = self.epoch
+        n = len(batch.offs)
+        ep.records_in += n
+        pos = ep.positions
+        topic = batch.topic
+        for part, off in zip(batch.parts, batch.offs, strict=True):
+            pos[(topic, part)] = off + 1
+        keys, raws = batch.keys, batch.raws
+        try:
+            items: list[Item] = [(keys[i], decode(raws[i]), i) for i in range(n)]
+        except Exception:
+            items = []
+            for i in range(n):
+                try:
+                    items.append((keys[i], decode(raws[i]), i))
+                except Exception as exc:
+                    self._fail(source, batch, i, exc, "decode")
+        self._replays = []
+        self._children(source, items, batch)
+        if self._replays:
+            self._emit_replays(batch)
+
+    def _children(self, step: Step, items: list[Item], batch: Batch) -> None:
+        if not items:
+            return
+        for child in step.children:
+            out = self._apply(child, items, batch)
+            if out is not None:
+                self._children(child, out, batch)
+
+    # -- failure --------------------------------------------------------------------
+
+    def _fail(self, step: Step, batch: Batch, i: int, exc: BaseException, what: str = "") -> None:
+        if self.on_error == "stop":
+            raise UserFunctionError(
+                step.name, batch.topic, batch.parts[i], batch.offs[i], exc
+            ) from exc
+        err = f"{type(exc).__name__}: {exc}"
+        headers = {
+            "onceflow-error": err[:2000],
+            "onceflow-step": step.name if not what else f"{step.name}:{what}",
+            "onceflow-app": self.app_name,
+            "onceflow-source-topic": batch.topic,
+            "onceflow-source-partition": str(batch.parts[i]),
+            "onceflow-source-offset": str(batch.offs[i]),
+        }
+        self.epoch.dead_letters.append(
+            OutRecord(
+                self.dlq, batch.keys[i], batch.raws[i], headers, batch.tss[i], batch.ids[i],
+                batch.parts[i],
+            )
+        )
+        self.hooks.dead_letter(step.name, batch.topic, batch.parts[i], batch.offs[i], err)
+
+    def _one_by_one(self, step: Step, items: list[Item], batch: Batch, f: Callable[[Item], Any]) -> list[Any]:
+        out = []
+        for it in items:
+            try:
+                out.append(f(it))
+            except Exception as exc:
+                self._fail(step, batch, it[2], exc)
+        return out
+
+    # -- steps ----------------------------------------------------------------------
+
+    def _apply(self, step: Step, items: list[Item], batch: Batch) -> list[Item] | None:
+        kind = step.kind
+        fn = step.fn
+        if kind == "map":
+            try:
+                return [(k, fn(v), s) for k, v, s in items]
+            except Exception:
+                return self._one_by_one(step, items, batch, lambda it: (it[0], fn(it[1]), it[2]))
+        if kind == "filter":
+            try:
+                return [it for it in items if fn(it[1])]
+            except Exception:
+                kept = self._one_by_one(step, items, batch, lambda it: (it, fn(it[1])))
+                return [it for it, ok in kept if ok]
+        if kind == "key_by":
+            try:
+                return [(_key(fn(v)), v, s) for _, v, s in items]
+            except Exception:
+                return self._one_by_one(step, items, batch, lambda it: (_key(fn(it[1])), it[1], it[2]))
+        if kind == "flat_map":
+            out: list[Item] = []
+            for k, v, s in items:
+                try:
+                    res = list(fn(v))
+                except Exception as exc:
+                    self._fail(step, batch, s, exc)
+                    continue
+                out.extend([(k, r, s) for r in res])
+            return out
+        if kind == "reduce":
+            return self._reduce(step, items, batch)
+        if kind == "process":
+            return self._process(step, items, batch)
+        if kind == "dedupe":
+            return self._dedupe(step, items, batch)
+        if kind == "to":
+            self._to(step, items, batch)
+            return None
+        if kind == "sink":
+            self._sink(step, items, batch)
+            return None
+        raise AssertionError(f"unknown step kind {kind}")
+
+    def _to(self, step: Step, items: list[Item], batch: Batch) -> None:
+        enc = self._encoders.get(id(step))
+        if enc is None:
+            enc = self._encoders[id(step)] = encoder_for(step.options["value"])
+        topic = step.options["topic"]
+        tss, ids, parts = batch.tss, batch.ids, batch.parts
+        outs = self.epoch.outputs
+        try:
+            outs.extend(
+                [OutRecord(topic, k, enc(v), None, tss[s], ids[s], parts[s]) for k, v, s in items]
+            )
+            ok = items
+        except Exception:
+            ok = []
+            for it in items:
+                k, v, s = it
+                try:
+                    outs.append(OutRecord(topic, k, enc(v), None, tss[s], ids[s], parts[s]))
+                    ok.append(it)
+                except Exception as exc:
+                    self._fail(step, batch, s, exc, "encode")
+        if self.capture:
+            st, offs = batch.topic, batch.offs
+            self.epoch.out_src.extend([(st, parts[s], offs[s]) for _, _, s in ok])
+
+    def _sink(self, step: Step, items: list[Item], batch: Batch) -> None:
+        rows = self.epoch.sink_rows.setdefault(step.name, [])
+        parts, offs, t = batch.parts, batch.offs, batch.topic
+        # The output index makes the row id unique when one input yields several rows.
+        last = None
+        idx = 0
+        for k, v, s in items:
+            idx = idx + 1 if s == last else 0
+            last = s
+            rows.append((k, v, (t, parts[s], offs[s], idx)))
+
+    def _reduce(self, step: Step, items: list[Item], batch: Batch) -> list[Item]:
+        st = self.states[step.name]
+        parts = batch.parts
+        st.prefetch([(parts[s], k) for k, _, s in items])
+        cache = st.cache
+        dirty = st.dirty
+        fn = step.fn
+        initial = step.options["initial"]
+        always = step.options.get("always_initial", False) or initial is not None
+        out: list[Item] = []
+        for k, v, s in items:
+            pk = (parts[s], k)
+            acc = cache.get(pk, MISSING)
+            mutable = not isinstance(acc, _IMMUTABLE) and acc is not MISSING
+            snapshot = dump_state(acc) if mutable else None
+            try:
+                if acc is MISSING:
+                    if always:
+                        start = initial() if callable(initial) else copy.deepcopy(initial)
+                        acc = fn(start, v)
+                    else:
+                        acc = v
+                else:
+                    acc = fn(acc, v)
+            except Exception as exc:
+                if snapshot is not None:
+                    cache[pk] = load_state(snapshot)
+                self._fail(step, batch, s, exc)
+                continue
+            cache[pk] = acc
+            dirty.add(pk)
+            out.append((k, acc, s))
+        return out
+
+    def _process(self, step: Step, items: list[Item], batch: Batch) -> list[Item]:
+        st = self.states[step.name]
+        parts = batch.parts
+        st.prefetch([(parts[s], k) for k, _, s in items])
+        state = State(st)
+        cache = st.cache
+        fn = step.fn
+        out: list[Item] = []
+        for k, v, s in items:
+            pk = (parts[s], k)
+            state._pk = pk
+            before = cache.get(pk, MISSING)
+            was_dirty = pk in st.dirty
+            snapshot = (
+                dump_state(before)
+                if before is not MISSING and not isinstance(before, _IMMUTABLE)
+                else None
+            )
+            try:
+                res = fn(v, state)
+                if res is None:
+                    continue
+                if isinstance(res, (dict, str, bytes)):
+                    raise TypeError(
+                        f"process '{step.name}' returned a {type(res).__name__}; return a list "
+                        "of values to emit (or None)"
+                    )
+                out.extend([(k, r, s) for r in res])
+            except Exception as exc:
+                # A failed call must leave no trace in state, even if it mutated in place.
+                cache[pk] = load_state(snapshot) if snapshot is not None else before
+                if not was_dirty:
+                    st.dirty.discard(pk)
+                self._fail(step, batch, s, exc)
+        return out
+
+    def _dedupe(self, step: Step, items: list[Item], batch: Batch) -> list[Item]:
+        d = self.dedups[step.name]
+        keyfn = step.fn
+        parts, ids = batch.parts, batch.ids
+        keyed: list[tuple[Item, str]] = []
+        for it in items:
+            try:
+                bid = ids[it[2]] if keyfn is None else keyfn(it[1])
+                if bid is None:
+                    raise ValueError("record has no id to dedupe on (send it with id=...)")
+            except Exception as exc:
+                self._fail(step, batch, it[2], exc)
+                continue
+            keyed.append((it, str(bid)))
+        seen = d.seen
+        missing = list({(parts[it[2]], bid) for it, bid in keyed} - seen.keys())
+        if missing:
+            loaded = self._load_dedup(step.name, missing)
+            for pk in missing:
+                seen[pk] = loaded.get(pk, MISSING)
+        now = time.time()
+        ttl = d.ttl
+        out: list[Item] = []
+        for it, bid in keyed:
+            s = it[2]
+            pk = (parts[s], bid)
+            hit = seen[pk]
+            if hit is not MISSING and (ttl is None or hit[0] >= now - ttl):
+                self.epoch.duplicates += 1
+                self.hooks.duplicate(step.name, bid)
+                if d.replay_to:
+                    self._replays.append((d, s, bid, batch))
+                continue
+            seen[pk] = (now, None)
+            d.new[pk] = (now, (batch.topic, parts[s], batch.offs[s]))
+            out.append(it)
+        return out
+
+    def _emit_replays(self, batch: Batch) -> None:
+        """Answer duplicates with the outputs their first occurrence wrote."""
+        by_src: dict[tuple[str, int, int], list[OutRecord]] = {}
+        for rec, src in zip(self.epoch.outputs, self.epoch.out_src, strict=True):
+            by_src.setdefault(src, []).append(rec)
+        for d, s, bid, b in self._replays:
+            pk = (b.parts[s], bid)
+            pending = d.new.get(pk)
+            if pending is not None:
+                stored = [
+                    (r.key, r.value, r.headers)
+                    for r in by_src.get(pending[1], [])
+                    if r.topic == d.replay_to
+                ]
+            else:
+                hit = d.seen.get(pk)
+                stored = (
+                    [] if hit is MISSING or hit is None or hit[1] is None else load_state(hit[1])
+                )
+            for key, value, headers in stored:
+                h = dict(headers or {})
+                h[REPLAY_HEADER] = "1"
+                assert d.replay_to is not None
+                self.epoch.outputs.append(
+                    OutRecord(d.replay_to, key, value, h, b.tss[s], b.ids[s], b.parts[s])
+                )
+                self.epoch.out_src.append((b.topic, b.parts[s], b.offs[s]))
+        self._replays = []
+
+    def outcomes(self, d: DedupStep) -> dict[tuple[int, str], bytes | None]:
+        """For each new id of a replaying dedupe step, what its first occurrence wrote."""
+        if not d.replay_to:
+            return {pk: None for pk in d.new}
+        by_src: dict[tuple[str, int, int], list[tuple[str | None, bytes, Any]]] = {}
+        for rec, src in zip(self.epoch.outputs, self.epoch.out_src, strict=True):
+            if rec.topic == d.replay_to and not (rec.headers and REPLAY_HEADER in rec.headers):
+                by_src.setdefault(src, []).append((rec.key, rec.value, rec.headers))
+        return {pk: dump_state(by_src.get(src, [])) for pk, (_, src) in d.new.items()}
+
+
+def _key(k: Any) -> str:
+    return k if isinstance(k, str) else str(k)

@@ -1,0 +1,218 @@
+"""Sinks and their declared guarantees.
+
+- transactional: written inside the epoch's own transaction (topics, `SQLiteTableSink`).
+- idempotent: the epoch's rows are committed to an outbox with the epoch, delivered
+  after the commit at a recorded position, and re-delivered at that same position after
+  a crash, so a delivery is never partial or doubled (`FileSink`).
+- at-least-once: called before the commit and again if the epoch replays
+  (`CallbackSink`); an App with guarantee="exactly-once" refuses it when it is built.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Literal
+
+from ._errors import ConfigError
+from ._serde import encode_value
+
+Guarantee = Literal["transactional", "idempotent", "at-least-once"]
+Row = tuple[Any, Any, tuple[str, int, int, int]]
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+def check_identifier(name: str, what: str) -> str:
+    """Identifiers cannot be bound as parameters, so they are checked before quoting."""
+    if not _IDENT.match(name):
+        raise ConfigError(f"{what} {name!r} is not a plain identifier ([A-Za-z_][A-Za-z0-9_]*)")
+    return f'"{name}"'
+
+
+class Sink:
+    """Base class. A sink receives `(key, value, row_id)` rows of one epoch.
+
+    `row_id` is (source topic, partition, offset, output index): deterministic, so an
+    idempotent sink can upsert by it.
+    """
+
+    guarantee: ClassVar[Guarantee] = "at-least-once"
+    name: str = "sink"
+
+    def open(self, app: str, conn: sqlite3.Connection) -> None:
+        """Called once at start, before any epoch; recover anything pending here."""
+
+    def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+        """Called inside the epoch's transaction."""
+
+    def after_commit(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+        """Called once the epoch is durable."""
+
+    def close(self) -> None:
+        """Called when the App stops."""
+
+
+class SQLiteTableSink(Sink):
+    """Upserts dict values into a table of the store, in the epoch's own transaction.
+
+        >>> stream.sink(SQLiteTableSink("balances", key=["account"], columns=["account", "balance"]))  # doctest: +SKIP
+    """
+
+    guarantee = "transactional"
+
+    def __init__(
+        self,
+        table: str,
+        *,
+        key: Sequence[str],
+        columns: Sequence[str],
+        name: str | None = None,
+    ) -> None:
+        self.table = table
+        self._qt = check_identifier(table, "table")
+        if not key:
+            raise ConfigError(f"SQLiteTableSink('{table}') needs key=[...] columns")
+        self.columns = list(columns)
+        self.key = list(key)
+        for c in self.columns:
+            check_identifier(c, "column")
+        missing = [k for k in self.key if k not in self.columns]
+        if missing:
+            raise ConfigError(f"SQLiteTableSink('{table}'): key columns {missing} not in columns")
+        self.name = name or f"table-{table}"
+        cols = ", ".join(check_identifier(c, "column") for c in self.columns)
+        keys = ", ".join(check_identifier(c, "column") for c in self.key)
+        updates = ", ".join(
+            f"{check_identifier(c, 'column')}=excluded.{check_identifier(c, 'column')}"
+            for c in self.columns
+            if c not in self.key
+        )
+        marks = ", ".join("?" for _ in self.columns)
+        self._create = f"CREATE TABLE IF NOT EXISTS {self._qt} ({cols}, PRIMARY KEY({keys}))"
+        conflict = f"DO UPDATE SET {updates}" if updates else "DO NOTHING"
+        self._upsert = (
+            f"INSERT INTO {self._qt} ({cols}) VALUES({marks}) ON CONFLICT({keys}) {conflict}"
+        )
+
+    def open(self, app: str, conn: sqlite3.Connection) -> None:
+        conn.execute(self._create)
+        have = {r[1] for r in conn.execute(f"PRAGMA table_info({self._qt})")}
+        lacking = [c for c in self.columns if c not in have]
+        if lacking:
+            raise ConfigError(
+                f"table '{self.table}' exists without columns {lacking}; "
+                "operator action: add them or point the sink at another table"
+            )
+
+    def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+        cols = self.columns
+        try:
+            params = [tuple(v[c] for c in cols) for _, v, _ in rows]
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(
+                f"SQLiteTableSink('{self.table}') needs dict values with keys {cols}: {exc!r}"
+            ) from exc
+        conn.executemany(self._upsert, params)
+
+
+class FileSink(Sink):
+    """Appends one line per value (JSON unless bytes/str) to a file, exactly once.
+
+    The epoch's lines are committed to the store's outbox with the epoch; after the
+    commit they are written at the file position the store recorded and fsynced. After a
+    crash the file is cut back to the recorded position and the pending lines rewritten,
+    so the file never keeps a partial or doubled line.
+    """
+
+    guarantee = "idempotent"
+
+    def __init__(self, path: str | os.PathLike[str], *, name: str | None = None) -> None:
+        self.path = os.fspath(path)
+        self.name = name or f"file-{os.path.basename(self.path)}"
+        self._app = ""
+        self._crash: Callable[[str], None] = lambda point: None
+
+    def open(self, app: str, conn: sqlite3.Connection) -> None:
+        self._app = app
+        conn.execute(
+            "INSERT OR IGNORE INTO sink_progress(app, sink, next_seq, flushed_seq, position) "
+            "VALUES(?,?,0,-1,0)",
+            (app, self.name),
+        )
+        self._flush(conn)
+
+    def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+        data = b"".join(encode_value(v).replace(b"\n", b"\\n") + b"\n" for _, v, _ in rows)
+        (seq,) = conn.execute(
+            "SELECT next_seq FROM sink_progress WHERE app=? AND sink=?", (self._app, self.name)
+        ).fetchone()
+        conn.execute(
+            "INSERT INTO outbox(app, sink, seq, data) VALUES(?,?,?,?)",
+            (self._app, self.name, seq, data),
+        )
+        conn.execute(
+            "UPDATE sink_progress SET next_seq=? WHERE app=? AND sink=?",
+            (seq + 1, self._app, self.name),
+        )
+
+    def after_commit(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+        self._flush(conn)
+
+    def _flush(self, conn: sqlite3.Connection) -> None:
+        """Deliver every committed, undelivered epoch in order, at its recorded position."""
+        pending = conn.execute(
+            "SELECT seq, data FROM outbox WHERE app=? AND sink=? ORDER BY seq",
+            (self._app, self.name),
+        ).fetchall()
+        for seq, data in pending:
+            (pos,) = conn.execute(
+                "SELECT position FROM sink_progress WHERE app=? AND sink=?",
+                (self._app, self.name),
+            ).fetchone()
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                # Whatever lies past the recorded position is a delivery that crashed.
+                os.ftruncate(fd, pos)
+                os.lseek(fd, pos, os.SEEK_SET)
+                half = len(data) // 2
+                os.write(fd, data[:half])
+                self._crash("sink_flush")
+                os.write(fd, data[half:])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            in_txn = conn.in_transaction
+            if not in_txn:
+                conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "DELETE FROM outbox WHERE app=? AND sink=? AND seq=?", (self._app, self.name, seq)
+            )
+            conn.execute(
+                "UPDATE sink_progress SET flushed_seq=?, position=? WHERE app=? AND sink=?",
+                (seq, pos + len(data), self._app, self.name),
+            )
+            if not in_txn:
+                conn.execute("COMMIT")
+
+
+class CallbackSink(Sink):
+    """Calls `fn(key, value)` for each row inside the epoch, before its commit.
+
+    At-least-once: if the commit then fails, the epoch is replayed and `fn` runs again
+    for the same rows. Use it with guarantee="at-least-once" only.
+    """
+
+    guarantee = "at-least-once"
+
+    def __init__(self, fn: Callable[[Any, Any], None], *, name: str = "callback") -> None:
+        if not callable(fn):
+            raise ConfigError("CallbackSink needs a function fn(key, value)")
+        self.fn = fn
+        self.name = name
+
+    def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+        for k, v, _ in rows:
+            self.fn(k, v)
