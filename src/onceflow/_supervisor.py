@@ -1,0 +1,83 @@
+"""Runs an App in a child process that can be SIGKILLed and restarted.
+
+Used by `onceflow chaos`, the demo and the crash tests: the child is a real process,
+so a kill is a real kill -9 at whatever instruction it was running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+
+
+class Child:
+    """One incarnation of the App process: `python -m onceflow._worker TARGET`."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        store: str,
+        until_idle: bool = False,
+        crash_at: str | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+    ) -> None:
+        full = dict(os.environ)
+        full.update(env or {})
+        full.pop("ONCEFLOW_CRASH_AT", None)
+        if crash_at:
+            full["ONCEFLOW_CRASH_AT"] = crash_at
+        cmd = [sys.executable, "-m", "onceflow._worker", target, "--store", store]
+        if until_idle:
+            cmd.append("--until-idle")
+        self.proc = subprocess.Popen(
+            cmd, env=full, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: no handler runs, no buffer is flushed, nothing is committed."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, which makes the App commit and exit; SIGKILL if it does not."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    @property
+    def killed(self) -> bool:
+        return self.proc.returncode == -signal.SIGKILL
+
+    def stderr(self) -> str:
+        if self.proc.stderr is None:
+            return ""
+        try:
+            return self.proc.stderr.read().decode(errors="replace")
+        except ValueError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+
+def wait_until(pred: object, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(pred) and pred():
+            return True
+        time.sleep(interval)
+    return False

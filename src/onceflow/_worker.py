@@ -1,0 +1,33 @@
+"""`python -m onceflow._worker MODULE:APP [--store S] [--until-idle]`: a chaos child.
+
+`--store` replaces the App's own store, so chaos runs a user's pipeline on a scratch
+store and never on the one it uses in production.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ._errors import OnceflowError
+from ._loader import load_app
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if not argv:
+        print("usage: python -m onceflow._worker MODULE:APP [--until-idle]", file=sys.stderr)
+        return 2
+    try:
+        app = load_app(argv[0])
+        if "--store" in argv:
+            app.store = argv[argv.index("--store") + 1]
+        app.run(until_idle="--until-idle" in argv[1:])
+    except OnceflowError as exc:
+        print(f"onceflow: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
