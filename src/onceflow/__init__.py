@@ -1,13 +1,13 @@
 """onceflow: stream processing with an end-to-end exactly-once guarantee.
 
-    from onceflow import App
+from onceflow import App
 
-    app = App("payments", store="payments.db")
-    (app.source("transfers")
-        .dedupe(name="payment-ids", key=lambda t: t["id"], ttl=7 * 86400)
-        .process(name="balances", fn=apply_transfer)
-        .to("ledger"))
-    app.run()
+app = App("payments", store="payments.db")
+(app.source("transfers")
+    .dedupe(name="payment-ids", key=lambda t: t["id"], ttl=7 * 86400)
+    .process(name="balances", fn=apply_transfer)
+    .to("ledger"))
+app.run()
 """
 
 from ._app import App, RunStats

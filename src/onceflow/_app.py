@@ -213,6 +213,7 @@ class App:
                 states=states,
                 dedups=dedups,
                 load_dedup=session.load_dedup,
+                partitions_of=session.partitions_of,
                 hooks=hooks,
             )
             cp = Checkpoint(
@@ -299,9 +300,8 @@ class App:
         self._commit(cp, executor.epoch)
 
     def _commit(self, cp: Checkpoint, ep: Any) -> None:
-        n_in, dups, dead, n_out = ep.records_in, ep.duplicates, len(ep.dead_letters), len(
-            ep.outputs
-        )
+        n_in, dups, dead = ep.records_in, ep.duplicates, ep.dead_letters
+        n_out = ep.records_out - dead
         if cp.commit():
             self.stats.records_in += n_in
             self.stats.records_out += n_out

@@ -72,7 +72,7 @@ class Checkpoint:
     def commit(self) -> bool:
         """Steps 3a-3g and the after-commit work. True when something was committed."""
         ep = self.executor.epoch
-        if not ep.positions and not ep.outputs:
+        if not ep.positions and not ep.records_out:
             return False
         epoch_no = self.epoch_no
         if epoch_no <= self._last_committed_epoch:
@@ -89,9 +89,7 @@ class Checkpoint:
         try:
             if self.exactly_once:
                 s.check_fence(conn)  # 3b
-            s.write_outputs(conn, ep.outputs)  # 3c
-            if ep.dead_letters:
-                s.write_outputs(conn, ep.dead_letters)
+            s.write_outputs(conn, ep.outputs)  # 3c, dead letters included
             for name, st in self.states.items():  # 3d
                 if st.dirty:
                     s.write_state(conn, name, st.drain())
@@ -102,7 +100,10 @@ class Checkpoint:
                     s.write_dedup(
                         conn,
                         name,
-                        [(p, i, seen, outcomes[name][(p, i)]) for (p, i), (seen, _) in d.new.items()],
+                        [
+                            (p, i, seen, outcomes[name][(p, i)])
+                            for (p, i), (seen, _) in d.new.items()
+                        ],
                     )
                 if self.commits % self._purge_every == 0:
                     s.purge_dedup(conn, name, d.ttl, d.max_keys)
@@ -157,7 +158,7 @@ class Checkpoint:
             st.committed()
         for name, rows in ep.sink_rows.items():
             self.sinks[name].after_commit(s.conn, rows)
-        n_out = len(ep.outputs)
+        n_out = ep.records_out
         self.executor.epoch = Epoch()
         self.hooks.commit_finished(epoch_no, ep.records_in, n_out, time.monotonic() - t0)
         return True

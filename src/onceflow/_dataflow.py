@@ -16,8 +16,17 @@ if TYPE_CHECKING:
     from ._state import State
 
 StepKind = Literal[
-    "source", "map", "filter", "flat_map", "key_by", "dedupe", "reduce", "aggregate",
-    "process", "to", "sink",
+    "source",
+    "map",
+    "filter",
+    "flat_map",
+    "key_by",
+    "dedupe",
+    "reduce",
+    "aggregate",
+    "process",
+    "to",
+    "sink",
 ]
 STATEFUL: frozenset[str] = frozenset({"dedupe", "reduce", "aggregate", "process"})
 
@@ -69,9 +78,7 @@ class Stream:
                     f"{kind}() needs name=: it names the state so that a restart finds it"
                 )
             if not _NAME.match(name):
-                raise ConfigError(
-                    f"step name {name!r} is invalid: use up to 128 of [A-Za-z0-9_.-]"
-                )
+                raise ConfigError(f"step name {name!r} is invalid: use up to 128 of [A-Za-z0-9_.-]")
         if fn is not None and not callable(fn) and kind not in ("to", "sink"):
             raise ConfigError(f"{kind}() needs a function, got {type(fn).__name__}")
         label = name or f"{kind}-{self._app._next_step_id()}"
@@ -125,24 +132,18 @@ class Stream:
             raise ConfigError(f"dedupe(name={name!r}): ttl must be positive, got {ttl}")
         if max_keys is not None and max_keys < 1:
             raise ConfigError(f"dedupe(name={name!r}): max_keys must be >= 1, got {max_keys}")
-        return self._add(
-            "dedupe", name, key, ttl=ttl, max_keys=max_keys, replay_to=replay_to
-        )
+        return self._add("dedupe", name, key, ttl=ttl, max_keys=max_keys, replay_to=replay_to)
 
     def reduce(self, *, name: str, fn: Callable[[Any, Any], Any], initial: Any = None) -> Stream:
         """Fold values per key: emit `acc = fn(acc, value)`; the first value starts `acc`
         unless `initial` (a value, or a zero-argument function) is given."""
         return self._add("reduce", name, fn, initial=initial)
 
-    def aggregate(
-        self, *, name: str, initial: Any, fn: Callable[[Any, Any], Any]
-    ) -> Stream:
+    def aggregate(self, *, name: str, initial: Any, fn: Callable[[Any, Any], Any]) -> Stream:
         """Like `reduce`, always starting from `initial` (a value or a function)."""
         return self._add("reduce", name, fn, initial=initial, always_initial=True)
 
-    def process(
-        self, *, name: str, fn: Callable[[Any, State], Iterable[Any] | None]
-    ) -> Stream:
+    def process(self, *, name: str, fn: Callable[[Any, State], Iterable[Any] | None]) -> Stream:
         """Run `fn(value, state)` per element; it reads and writes `state.value` for the
         element's key and returns (or yields) the values to emit, or None."""
         return self._add("process", name, fn)

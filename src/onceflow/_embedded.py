@@ -15,9 +15,9 @@ from typing import Any
 import msgspec
 
 from ._errors import FencedError, StoreError, TopologyError
-from ._records import OutRecord
+from ._records import Columns
 from ._runtime import Batch
-from ._sqlite import SQLiteStore, encode_headers, partition_for
+from ._sqlite import SQLiteStore
 
 PartKey = tuple[int, str]
 
@@ -122,29 +122,29 @@ class EmbeddedSession:
         by_topic: dict[str, Batch] = {}
         per_part = max(64, max_records // max(1, len(self.assigned)))
         total = 0
-        with self.store.lock:
-            for topic, tid, part in self.assigned:
-                if total >= max_records:
-                    break
-                rows = self.conn.execute(
-                    "SELECT off, key, value, ts, event_id FROM records "
-                    "WHERE topic_id=? AND part=? AND off>=? ORDER BY off LIMIT ?",
-                    (tid, part, positions[(topic, part)], min(per_part, max_records - total)),
-                ).fetchall()
-                if not rows:
-                    continue
-                total += len(rows)
+        for topic, tid, part in self.assigned:
+            if total >= max_records:
+                break
+            pos = positions[(topic, part)]
+            for base, cols in self.store.read_batches(tid, part, pos, per_part):
+                n = len(cols)
+                total += n
                 b = by_topic.get(topic)
                 if b is None:
                     b = by_topic[topic] = Batch(topic, [], [], [], [], [], [])
-                offs, keys, raws, tss, ids = zip(*rows, strict=True)
-                b.parts.extend([part] * len(rows))
-                b.offs.extend(offs)
-                b.keys.extend(keys)
-                b.raws.extend(raws)
-                b.tss.extend(tss)
-                b.ids.extend(ids)
+                b.parts.extend([part] * n)
+                b.offs.extend(range(base, base + n))
+                b.keys.extend(cols.keys)
+                b.raws.extend(cols.values)
+                b.tss.extend(cols.tss)
+                b.ids.extend(cols.ids)
         return list(by_topic.values())
+
+    def partitions_of(self, topic: str) -> int:
+        found = self.store.topic(topic)
+        if found is None:
+            raise StoreError(f"topic '{topic}' is not in the store")
+        return found[1]
 
     def load_state(self, step: str, pks: list[PartKey]) -> dict[PartKey, Any]:
         out: dict[PartKey, Any] = {}
@@ -201,30 +201,14 @@ class EmbeddedSession:
                     "Another process took over; this one stops without committing"
                 )
 
-    def write_outputs(self, conn: sqlite3.Connection, outputs: list[OutRecord]) -> None:
-        by_topic: dict[str, list[OutRecord]] = {}
-        for rec in outputs:
-            by_topic.setdefault(rec.topic, []).append(rec)
-        for topic, recs in by_topic.items():
+    def write_outputs(
+        self, conn: sqlite3.Connection, outputs: dict[tuple[str, int], Columns]
+    ) -> None:
+        for (topic, part), cols in outputs.items():
             found = self.store.topic(topic)
             if found is None:
                 raise StoreError(f"output topic '{topic}' vanished from the store")
-            tid, nparts = found
-            self.store.append(
-                conn,
-                tid,
-                [
-                    (
-                        partition_for(r.key, nparts, r.src_partition),
-                        r.key,
-                        r.value,
-                        encode_headers(r.headers),
-                        r.timestamp,
-                        r.id,
-                    )
-                    for r in recs
-                ],
-            )
+            self.store.append(conn, found[0], part, cols)
 
     def write_state(
         self, conn: sqlite3.Connection, step: str, rows: list[tuple[int, str, bytes | None]]
@@ -238,9 +222,7 @@ class EmbeddedSession:
                 puts,
             )
         if dels:
-            conn.executemany(
-                "DELETE FROM state WHERE app=? AND step=? AND part=? AND key=?", dels
-            )
+            conn.executemany("DELETE FROM state WHERE app=? AND step=? AND part=? AND key=?", dels)
 
     def write_dedup(
         self,
@@ -267,8 +249,7 @@ class EmbeddedSession:
             ).rowcount
         if max_keys is not None:
             row = conn.execute(
-                "SELECT seen FROM dedup WHERE app=? AND step=? ORDER BY seen DESC "
-                "LIMIT 1 OFFSET ?",
+                "SELECT seen FROM dedup WHERE app=? AND step=? ORDER BY seen DESC LIMIT 1 OFFSET ?",
                 (self.app, step, max_keys),
             ).fetchone()
             if row is not None:

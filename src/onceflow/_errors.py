@@ -1,14 +1,14 @@
 """The exception tree. Every error names the action an operator should take.
 
-    OnceflowError
-    ├── ConfigError          invalid settings or arguments; fix them and start again
-    │   └── MissingExtraError  an optional dependency is not installed
-    ├── TopologyError        the pipeline is malformed or changed over existing state
-    ├── SinkGuaranteeError   an exactly-once App was given a weaker sink
-    ├── StoreError           the store failed or holds something unexpected
-    │   └── FencedError      another process took over this app's partitions
-    ├── CommitError          a checkpoint failed; the App rewinds to the last commit
-    └── UserFunctionError    a user function raised while on_error="stop"
+OnceflowError
+├── ConfigError          invalid settings or arguments; fix them and start again
+│   └── MissingExtraError  an optional dependency is not installed
+├── TopologyError        the pipeline is malformed or changed over existing state
+├── SinkGuaranteeError   an exactly-once App was given a weaker sink
+├── StoreError           the store failed or holds something unexpected
+│   └── FencedError      another process took over this app's partitions
+├── CommitError          a checkpoint failed; the App rewinds to the last commit
+└── UserFunctionError    a user function raised while on_error="stop"
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._errors import ConfigError, StoreError
-from ._records import SendResult
+from ._records import Columns, SendResult
 from ._serde import encode_value
-from ._sqlite import SQLiteStore, encode_headers, partition_for, store_path
+from ._sqlite import SQLiteStore, partition_for, store_path
 
 # A send whose COMMIT failed has an unknown outcome; it is retried with the same
 # sequence numbers, which makes the retry a no-op if the first attempt did land.
@@ -111,7 +111,7 @@ class Producer:
         if partition is not None and not 0 <= partition < nparts:
             raise ConfigError(f"topic '{topic}' has {nparts} partitions; partition={partition}")
         ts = time.time() if timestamp is None else timestamp
-        hdr = encode_headers(headers)
+        hdr = headers or None
         planned: list[tuple[int, int, str | None, bytes, str | None]] = []
         next_seq: dict[int, int] = {}
         items = list(items)
@@ -139,11 +139,11 @@ class Producer:
         topic: str,
         tid: int,
         planned: list[tuple[int, int, str | None, bytes, str | None]],
-        hdr: bytes | None,
+        hdr: dict[str, str] | None,
         ts: float,
     ) -> list[SendResult]:
         results: list[SendResult] = []
-        rows = []
+        cols: dict[int, Columns] = {}
         last_seen: dict[int, int] = {}
         with self._store.transaction() as conn:
             for part, seq, key, raw, eid in planned:
@@ -160,8 +160,11 @@ class Producer:
                     continue
                 last_seen[part] = seq
                 results.append(SendResult(topic, part, -1, False))
-                rows.append((part, key, raw, hdr, ts, eid))
-            firsts = self._store.append(conn, tid, rows)
+                c = cols.get(part)
+                if c is None:
+                    c = cols[part] = Columns()
+                c.add(key, raw, hdr, ts, eid)
+            firsts = {p: self._store.append(conn, tid, p, c) for p, c in cols.items()}
             now = time.time()
             conn.executemany(
                 "INSERT INTO producer_seqs(producer_id, topic_id, part, last_seq, updated) "

@@ -17,8 +17,9 @@ from typing import Any
 
 from ._dataflow import Step
 from ._errors import UserFunctionError
-from ._records import OutRecord
+from ._records import Columns
 from ._serde import dump_state, encoder_for, load_state
+from ._sqlite import partition_for
 from ._state import MISSING, State, StepState
 
 Item = tuple[Any, Any, int]
@@ -60,11 +61,15 @@ class DedupStep:
 class Epoch:
     """Everything one epoch will commit. Nothing in here is durable until commit."""
 
-    outputs: list[OutRecord] = field(default_factory=list)
-    # (stage topic, partition, offset) of the input behind each output, kept only when a
+    # Outputs and dead letters per (topic, partition), in the order they were produced.
+    outputs: dict[tuple[str, int], Columns] = field(default_factory=dict)
+    records_out: int = 0
+    dead_letters: int = 0
+    # (input identity, topic, key, value, headers) of each output, kept only when a
     # dedupe step must remember what a first occurrence wrote.
-    out_src: list[tuple[str, int, int]] = field(default_factory=list)
-    dead_letters: list[OutRecord] = field(default_factory=list)
+    captured: list[tuple[tuple[str, int, int], str, str | None, bytes, Any]] = field(
+        default_factory=list
+    )
     positions: dict[tuple[str, int], int] = field(default_factory=dict)
     sink_rows: dict[str, list[tuple[Any, Any, tuple[str, int, int, int]]]] = field(
         default_factory=dict
@@ -89,8 +94,10 @@ class Executor:
         states: dict[str, StepState],
         dedups: dict[str, DedupStep],
         load_dedup: Callable[[str, list[tuple[int, str]]], dict[tuple[int, str], Any]],
+        partitions_of: Callable[[str], int],
         hooks: Any,
     ) -> None:
+        self.partitions_of = partitions_of
         self.app_name = app_name
         self.dlq = dead_letter_topic
         self.on_error = on_error
@@ -152,15 +159,21 @@ class Executor:
             "onceflow-source-partition": str(batch.parts[i]),
             "onceflow-source-offset": str(batch.offs[i]),
         }
-        self.epoch.dead_letters.append(
-            OutRecord(
-                self.dlq, batch.keys[i], batch.raws[i], headers, batch.tss[i], batch.ids[i],
-                batch.parts[i],
-            )
+        self.epoch.dead_letters += 1
+        self._emit(
+            self.dlq,
+            batch.keys[i],
+            batch.raws[i],
+            headers,
+            batch.tss[i],
+            batch.ids[i],
+            batch.parts[i],
         )
         self.hooks.dead_letter(step.name, batch.topic, batch.parts[i], batch.offs[i], err)
 
-    def _one_by_one(self, step: Step, items: list[Item], batch: Batch, f: Callable[[Item], Any]) -> list[Any]:
+    def _one_by_one(
+        self, step: Step, items: list[Item], batch: Batch, f: Callable[[Item], Any]
+    ) -> list[Any]:
         out = []
         for it in items:
             try:
@@ -189,7 +202,9 @@ class Executor:
             try:
                 return [(_key(fn(v)), v, s) for _, v, s in items]
             except Exception:
-                return self._one_by_one(step, items, batch, lambda it: (_key(fn(it[1])), it[1], it[2]))
+                return self._one_by_one(
+                    step, items, batch, lambda it: (_key(fn(it[1])), it[1], it[2])
+                )
         if kind == "flat_map":
             out: list[Item] = []
             for k, v, s in items:
@@ -214,30 +229,67 @@ class Executor:
             return None
         raise AssertionError(f"unknown step kind {kind}")
 
+    def _emit(
+        self,
+        topic: str,
+        key: str | None,
+        value: bytes,
+        headers: dict[str, str] | None,
+        ts: float,
+        id: str | None,
+        src_part: int,
+    ) -> None:
+        """One output to the epoch buffer. A keyless output follows its input's partition,
+        so that a replay after a crash writes it to the same partition again."""
+        part = partition_for(key, self.partitions_of(topic), src_part)
+        cols = self.epoch.outputs.get((topic, part))
+        if cols is None:
+            cols = self.epoch.outputs[(topic, part)] = Columns()
+        cols.add(key, value, headers, ts, id)
+        self.epoch.records_out += 1
+
     def _to(self, step: Step, items: list[Item], batch: Batch) -> None:
         enc = self._encoders.get(id(step))
         if enc is None:
             enc = self._encoders[id(step)] = encoder_for(step.options["value"])
         topic = step.options["topic"]
         tss, ids, parts = batch.tss, batch.ids, batch.parts
-        outs = self.epoch.outputs
         try:
-            outs.extend(
-                [OutRecord(topic, k, enc(v), None, tss[s], ids[s], parts[s]) for k, v, s in items]
-            )
+            values = [enc(v) for _, v, _ in items]
             ok = items
         except Exception:
-            ok = []
+            values, ok = [], []
             for it in items:
-                k, v, s = it
                 try:
-                    outs.append(OutRecord(topic, k, enc(v), None, tss[s], ids[s], parts[s]))
+                    values.append(enc(it[1]))
                     ok.append(it)
                 except Exception as exc:
-                    self._fail(step, batch, s, exc, "encode")
+                    self._fail(step, batch, it[2], exc, "encode")
+        ep = self.epoch
+        if self.partitions_of(topic) == 1:
+            # The common case gets whole-column appends instead of one call per record.
+            cols = ep.outputs.get((topic, 0))
+            if cols is None:
+                cols = ep.outputs[(topic, 0)] = Columns()
+            cols.keys.extend([k for k, _, _ in ok])
+            cols.values.extend(values)
+            if cols.headers is not None:
+                cols.headers.extend([None] * len(ok))
+            cols.tss.extend([tss[s] for _, _, s in ok])
+            cols.ids.extend([ids[s] for _, _, s in ok])
+            ep.records_out += len(ok)
+        else:
+            emit = self._emit
+            for (k, _, s), raw in zip(ok, values, strict=True):
+                emit(topic, k, raw, None, tss[s], ids[s], parts[s])
         if self.capture:
             st, offs = batch.topic, batch.offs
-            self.epoch.out_src.extend([(st, parts[s], offs[s]) for _, _, s in ok])
+            ep.captured.extend(
+                [
+                    ((st, parts[s], offs[s]), topic, k, raw, None)
+                    for (k, _, s), raw in zip(ok, values, strict=True)
+                ]
+            )
 
     def _sink(self, step: Step, items: list[Item], batch: Batch) -> None:
         rows = self.epoch.sink_rows.setdefault(step.name, [])
@@ -358,20 +410,23 @@ class Executor:
             out.append(it)
         return out
 
+    def _first_outputs(
+        self, topic: str
+    ) -> dict[tuple[str, int, int], list[tuple[str | None, bytes, Any]]]:
+        by_src: dict[tuple[str, int, int], list[tuple[str | None, bytes, Any]]] = {}
+        for src, t, key, value, headers in self.epoch.captured:
+            if t == topic and not (headers and REPLAY_HEADER in headers):
+                by_src.setdefault(src, []).append((key, value, headers))
+        return by_src
+
     def _emit_replays(self, batch: Batch) -> None:
         """Answer duplicates with the outputs their first occurrence wrote."""
-        by_src: dict[tuple[str, int, int], list[OutRecord]] = {}
-        for rec, src in zip(self.epoch.outputs, self.epoch.out_src, strict=True):
-            by_src.setdefault(src, []).append(rec)
         for d, s, bid, b in self._replays:
+            assert d.replay_to is not None
             pk = (b.parts[s], bid)
             pending = d.new.get(pk)
             if pending is not None:
-                stored = [
-                    (r.key, r.value, r.headers)
-                    for r in by_src.get(pending[1], [])
-                    if r.topic == d.replay_to
-                ]
+                stored = self._first_outputs(d.replay_to).get(pending[1], [])
             else:
                 hit = d.seen.get(pk)
                 stored = (
@@ -380,21 +435,17 @@ class Executor:
             for key, value, headers in stored:
                 h = dict(headers or {})
                 h[REPLAY_HEADER] = "1"
-                assert d.replay_to is not None
-                self.epoch.outputs.append(
-                    OutRecord(d.replay_to, key, value, h, b.tss[s], b.ids[s], b.parts[s])
+                self._emit(d.replay_to, key, value, h, b.tss[s], b.ids[s], b.parts[s])
+                self.epoch.captured.append(
+                    ((b.topic, b.parts[s], b.offs[s]), d.replay_to, key, value, h)
                 )
-                self.epoch.out_src.append((b.topic, b.parts[s], b.offs[s]))
         self._replays = []
 
     def outcomes(self, d: DedupStep) -> dict[tuple[int, str], bytes | None]:
         """For each new id of a replaying dedupe step, what its first occurrence wrote."""
         if not d.replay_to:
             return {pk: None for pk in d.new}
-        by_src: dict[tuple[str, int, int], list[tuple[str | None, bytes, Any]]] = {}
-        for rec, src in zip(self.epoch.outputs, self.epoch.out_src, strict=True):
-            if rec.topic == d.replay_to and not (rec.headers and REPLAY_HEADER in rec.headers):
-                by_src.setdefault(src, []).append((rec.key, rec.value, rec.headers))
+        by_src = self._first_outputs(d.replay_to)
         return {pk: dump_state(by_src.get(src, [])) for pk, (_, src) in d.new.items()}
 
 

@@ -40,7 +40,9 @@ def decoder_for(
         return bytes
     if encoding == "str":
         return lambda raw: raw.decode()
-    raise ConfigError(f"unknown value encoding {encoding!r}: use 'json', 'bytes', 'str' or a function")
+    raise ConfigError(
+        f"unknown value encoding {encoding!r}: use 'json', 'bytes', 'str' or a function"
+    )
 
 
 def encoder_for(encoding: Encoding | Callable[[Any], bytes]) -> Callable[[Any], bytes]:
@@ -50,7 +52,9 @@ def encoder_for(encoding: Encoding | Callable[[Any], bytes]) -> Callable[[Any], 
         return encode_value
     if encoding in ("bytes", "str"):
         return encode_value
-    raise ConfigError(f"unknown value encoding {encoding!r}: use 'json', 'bytes', 'str' or a function")
+    raise ConfigError(
+        f"unknown value encoding {encoding!r}: use 'json', 'bytes', 'str' or a function"
+    )
 
 
 _state_enc = msgspec.msgpack.Encoder()

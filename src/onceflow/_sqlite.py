@@ -13,16 +13,16 @@ import sqlite3
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import msgspec
 
 from ._errors import ConfigError, StoreError
-from ._records import Record
+from ._records import Columns, Record
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -33,9 +33,9 @@ CREATE TABLE IF NOT EXISTS partitions(
     topic_id INTEGER NOT NULL, part INTEGER NOT NULL, next_offset INTEGER NOT NULL,
     PRIMARY KEY(topic_id, part)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS records(
-    topic_id INTEGER NOT NULL, part INTEGER NOT NULL, off INTEGER NOT NULL,
-    key TEXT, value BLOB NOT NULL, headers BLOB, ts REAL NOT NULL, event_id TEXT,
-    PRIMARY KEY(topic_id, part, off)) WITHOUT ROWID;
+    topic_id INTEGER NOT NULL, part INTEGER NOT NULL, base_off INTEGER NOT NULL,
+    last_off INTEGER NOT NULL, data BLOB NOT NULL,
+    PRIMARY KEY(topic_id, part, last_off));
 CREATE TABLE IF NOT EXISTS producer_seqs(
     producer_id TEXT NOT NULL, topic_id INTEGER NOT NULL, part INTEGER NOT NULL,
     last_seq INTEGER NOT NULL, updated REAL NOT NULL,
@@ -67,8 +67,20 @@ CREATE TABLE IF NOT EXISTS sink_progress(
     PRIMARY KEY(app, sink)) WITHOUT ROWID;
 """
 
-_headers_enc = msgspec.msgpack.Encoder()
-_headers_dec = msgspec.msgpack.Decoder(dict[str, str])
+_batch_enc = msgspec.msgpack.Encoder()
+_batch_dec = msgspec.msgpack.Decoder(
+    tuple[
+        list[str | None],
+        list[bytes],
+        list[dict[str, str] | None] | None,
+        list[float],
+        list[str | None],
+    ]
+)
+
+# Records per stored batch row. Bigger rows mean fewer rows to write and read; smaller
+# ones mean less decoding wasted when a reader starts in the middle of one.
+BATCH_RECORDS = 2048
 
 T = TypeVar("T")
 
@@ -98,12 +110,13 @@ def partition_for(key: str | None, partitions: int, fallback: int) -> int:
     return zlib.crc32(key.encode()) % partitions
 
 
-def encode_headers(headers: dict[str, str] | None) -> bytes | None:
-    return _headers_enc.encode(headers) if headers else None
+def encode_batch(cols: Columns) -> bytes:
+    return _batch_enc.encode((cols.keys, cols.values, cols.headers, cols.tss, cols.ids))
 
 
-def decode_headers(raw: bytes | None) -> dict[str, str] | None:
-    return _headers_dec.decode(raw) if raw else None
+def decode_batch(raw: bytes) -> Columns:
+    keys, values, headers, tss, ids = _batch_dec.decode(raw)
+    return Columns(keys, values, headers, tss, ids)
 
 
 def connect(path: str) -> sqlite3.Connection:
@@ -261,60 +274,81 @@ class SQLiteStore:
 
     # -- records --------------------------------------------------------------------
 
-    def read(
-        self, topic: str, partition: int, offset: int, limit: int
-    ) -> list[tuple[int, str | None, bytes, bytes | None, float, str | None]]:
-        """Committed records of one partition from `offset`: (off, key, value, headers, ts, id)."""
+    def read_batches(
+        self, topic_id: int, partition: int, offset: int, max_records: int
+    ) -> list[tuple[int, Columns]]:
+        """Committed records of one partition from `offset` on, as (first offset, columns).
+
+        Whole stored batches are returned (the first one cut at `offset`), stopping once
+        `max_records` are reached, so no batch is decoded twice by a reader that keeps up.
+        """
+        out: list[tuple[int, Columns]] = []
+        n = 0
+        with self.lock:
+            cur = self.conn.execute(
+                "SELECT base_off, data FROM records WHERE topic_id=? AND part=? AND last_off>=? "
+                "ORDER BY last_off",
+                (topic_id, partition, offset),
+            )
+            for base, data in cur:
+                cols = decode_batch(data)
+                if base < offset:
+                    cols = cols.slice(offset - base, len(cols))
+                    base = offset
+                out.append((base, cols))
+                n += len(cols)
+                if n >= max_records:
+                    break
+            cur.close()
+        return out
+
+    def read_records(self, topic: str, partition: int, offset: int, limit: int) -> list[Record]:
         found = self.topic(topic)
         if found is None:
             return []
-        with self.lock:
-            return self.conn.execute(
-                "SELECT off, key, value, headers, ts, event_id FROM records "
-                "WHERE topic_id=? AND part=? AND off>=? ORDER BY off LIMIT ?",
-                (found[0], partition, offset, limit),
-            ).fetchall()
+        out: list[Record] = []
+        for base, cols in self.read_batches(found[0], partition, offset, limit):
+            for i in range(len(cols)):
+                out.append(
+                    Record(
+                        topic,
+                        partition,
+                        base + i,
+                        cols.keys[i],
+                        cols.values[i],
+                        cols.header(i),
+                        cols.tss[i],
+                        cols.ids[i],
+                    )
+                )
+        return out[:limit]
 
-    def read_records(self, topic: str, partition: int, offset: int, limit: int) -> list[Record]:
-        return [
-            Record(topic, partition, r[0], r[1], r[2], decode_headers(r[3]), r[4], r[5])
-            for r in self.read(topic, partition, offset, limit)
-        ]
+    def append(self, conn: sqlite3.Connection, topic_id: int, partition: int, cols: Columns) -> int:
+        """Append records to a partition inside an open write transaction.
 
-    def append(
-        self,
-        conn: sqlite3.Connection,
-        topic_id: int,
-        rows: Sequence[tuple[int, str | None, bytes, bytes | None, float, str | None]],
-    ) -> dict[int, int]:
-        """Append (partition, key, value, headers, ts, id) rows inside an open transaction.
-
-        Offsets stay dense per partition because the next offset is read and written in
-        the same write transaction. Returns the first offset used per partition.
+        Offsets stay dense because the next offset is read and written in the same write
+        transaction. Returns the offset of the first record.
         """
-        by_part: dict[int, list[tuple[int, str | None, bytes, bytes | None, float, str | None]]]
-        by_part = {}
-        for row in rows:
-            by_part.setdefault(row[0], []).append(row)
-        firsts: dict[int, int] = {}
-        for part, prow in by_part.items():
-            (nxt,) = conn.execute(
-                "SELECT next_offset FROM partitions WHERE topic_id=? AND part=?", (topic_id, part)
-            ).fetchone()
-            firsts[part] = nxt
-            conn.executemany(
-                "INSERT INTO records(topic_id, part, off, key, value, headers, ts, event_id) "
-                "VALUES(?,?,?,?,?,?,?,?)",
-                [
-                    (topic_id, part, nxt + i, r[1], r[2], r[3], r[4], r[5])
-                    for i, r in enumerate(prow)
-                ],
-            )
-            conn.execute(
-                "UPDATE partitions SET next_offset=? WHERE topic_id=? AND part=?",
-                (nxt + len(prow), topic_id, part),
-            )
-        return firsts
+        (nxt,) = conn.execute(
+            "SELECT next_offset FROM partitions WHERE topic_id=? AND part=?", (topic_id, partition)
+        ).fetchone()
+        n = len(cols)
+        if n == 0:
+            return int(nxt)
+        rows = []
+        for start in range(0, n, BATCH_RECORDS):
+            stop = min(n, start + BATCH_RECORDS)
+            chunk = cols if (start, stop) == (0, n) else cols.slice(start, stop)
+            rows.append((topic_id, partition, nxt + start, nxt + stop - 1, encode_batch(chunk)))
+        conn.executemany(
+            "INSERT INTO records(topic_id, part, base_off, last_off, data) VALUES(?,?,?,?,?)",
+            rows,
+        )
+        conn.execute(
+            "UPDATE partitions SET next_offset=? WHERE topic_id=? AND part=?",
+            (nxt + n, topic_id, partition),
+        )
+        return int(nxt)
 
     # -- consumer groups ------------------------------------------------------------
 
@@ -365,9 +399,7 @@ _TOPIC_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.
 def validate_topic_name(name: str) -> None:
     """Topic names follow Kafka's rule, so a pipeline moves between backends unchanged."""
     if not name or len(name) > 249 or not set(name) <= _TOPIC_OK or name in (".", ".."):
-        raise ConfigError(
-            f"invalid topic name {name!r}: use 1-249 characters from [a-zA-Z0-9._-]"
-        )
+        raise ConfigError(f"invalid topic name {name!r}: use 1-249 characters from [a-zA-Z0-9._-]")
 
 
 def loads_any(raw: bytes | None) -> Any:

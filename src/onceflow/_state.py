@@ -74,9 +74,9 @@ class StepState:
 class State:
     """The state of one key inside `Stream.process(fn=...)`.
 
-        >>> def count(value, state):
-        ...     state.value = (state.value or 0) + 1
-        ...     return [state.value]
+    >>> def count(value, state):
+    ...     state.value = (state.value or 0) + 1
+    ...     return [state.value]
     """
 
     __slots__ = ("_pk", "_store")
