@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._checkpoint import Checkpoint
-from ._crash import from_env
+from ._crash import CrashInjector, from_env
 from ._dataflow import STATEFUL, Step, Stream, signature, validate
 from ._embedded import EmbeddedSession
 from ._errors import CommitError, ConfigError, SinkGuaranteeError
@@ -104,6 +104,8 @@ class App:
         self._steps: list[Step] = []
         self._ids = 0
         self._stop = threading.Event()
+        # Set by onceflow.testing to crash in-process instead of by SIGKILL.
+        self._crash: CrashInjector | None = None
         self.stats = RunStats()
 
     # -- building -------------------------------------------------------------------
@@ -175,7 +177,8 @@ class App:
         t_start = time.monotonic()
         store = SQLiteStore(store_path(self.store))
         hooks = _Fanout(self.hooks)
-        crash = from_env()
+        crash = self._crash or from_env()
+        self.stats = RunStats()
         self._stop.clear()
         restore = self._install_signals()
         try:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ._crash import SimulatedCrash
 from ._embedded import EmbeddedSession
 from ._errors import CommitError, FencedError
 from ._runtime import DedupStep, Epoch, Executor
@@ -126,9 +127,7 @@ class Checkpoint:
                 s.rollback(conn)
                 self.hooks.commit_failed(epoch_no, exc)
                 self.abort()
-                if isinstance(exc, FencedError):
-                    raise
-                if isinstance(exc, CommitError):
+                if isinstance(exc, (FencedError, CommitError, SimulatedCrash)):
                     raise
                 raise CommitError(
                     f"epoch {epoch_no} did not commit ({type(exc).__name__}: {exc}); "

@@ -19,8 +19,18 @@ CRASH_POINTS: tuple[str, ...] = (
 )
 
 
+class SimulatedCrash(BaseException):
+    """Raised instead of SIGKILL by an in-process crash injector (`mode="raise"`).
+
+    A BaseException, so that no `except Exception` in user or library code swallows it:
+    like a kill, it ends `App.run()` wherever it happens, with no further commit.
+    """
+
+
 class CrashInjector:
-    def __init__(self, spec: str | None) -> None:
+    def __init__(self, spec: str | None, mode: str = "kill") -> None:
+        self.mode = mode
+        self.crashed = False
         self.point: str | None = None
         self.countdown = 0
         if spec:
@@ -28,9 +38,8 @@ class CrashInjector:
             if point not in CRASH_POINTS:
                 from ._errors import ConfigError
 
-                raise ConfigError(
-                    f"ONCEFLOW_CRASH_AT={spec!r}: unknown point; use one of {', '.join(CRASH_POINTS)}"
-                )
+                points = ", ".join(CRASH_POINTS)
+                raise ConfigError(f"crash point {spec!r} is unknown; use one of {points}")
             self.point = point
             self.countdown = int(n) if n else 1
 
@@ -39,6 +48,9 @@ class CrashInjector:
             return
         self.countdown -= 1
         if self.countdown <= 0:
+            self.crashed = True
+            if self.mode == "raise":
+                raise SimulatedCrash(point)
             os.kill(os.getpid(), signal.SIGKILL)
 
 

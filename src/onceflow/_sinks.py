@@ -58,7 +58,8 @@ class Sink:
 class SQLiteTableSink(Sink):
     """Upserts dict values into a table of the store, in the epoch's own transaction.
 
-    >>> stream.sink(SQLiteTableSink("balances", key=["account"], columns=["account", "balance"]))  # doctest: +SKIP
+    >>> sink = SQLiteTableSink("balances", key=["account"], columns=["account", "balance"])
+    >>> stream.sink(sink)  # doctest: +SKIP
     """
 
     guarantee = "transactional"
