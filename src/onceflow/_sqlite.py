@@ -131,15 +131,20 @@ def connect(path: str) -> sqlite3.Connection:
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA cache_size=-65536")
     conn.execute("PRAGMA temp_store=MEMORY")
-    # A connection that dies mid-transaction must not leave the schema half-built.
-    with _txn(conn):
-        for stmt in _SCHEMA.split(";"):
-            if stmt.strip():
-                conn.execute(stmt)
-        conn.execute(
-            "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)",
-            (SCHEMA_VERSION,),
-        )
+    # Opening a store must not wait for a writer, so the schema is only created (in one
+    # transaction, never half-built) when it is not there yet.
+    has_meta = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
+    ).fetchone()
+    if not has_meta:
+        with _txn(conn):
+            for stmt in _SCHEMA.split(";"):
+                if stmt.strip():
+                    conn.execute(stmt)
+            conn.execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES('schema_version', ?)",
+                (SCHEMA_VERSION,),
+            )
     row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     if row[0] != SCHEMA_VERSION:
         raise StoreError(
