@@ -120,7 +120,7 @@ class EmbeddedSession:
     def poll(self, positions: dict[tuple[str, int], int], max_records: int) -> list[Batch]:
         """Committed input records from the positions, grouped per source topic."""
         by_topic: dict[str, Batch] = {}
-        per_part = max(64, max_records // max(1, len(self.assigned)))
+        per_part = max(1, max_records // max(1, len(self.assigned)))
         total = 0
         for topic, tid, part in self.assigned:
             if total >= max_records:
@@ -248,13 +248,15 @@ class EmbeddedSession:
                 (self.app, step, time.time() - ttl),
             ).rowcount
         if max_keys is not None:
+            # Ids of one batch share a timestamp; cutting strictly below the newest
+            # max_keys-th keeps ties, so retention never drops below max_keys.
             row = conn.execute(
                 "SELECT seen FROM dedup WHERE app=? AND step=? ORDER BY seen DESC LIMIT 1 OFFSET ?",
-                (self.app, step, max_keys),
+                (self.app, step, max_keys - 1),
             ).fetchone()
             if row is not None:
                 n += conn.execute(
-                    "DELETE FROM dedup WHERE app=? AND step=? AND seen<=?",
+                    "DELETE FROM dedup WHERE app=? AND step=? AND seen<?",
                     (self.app, step, row[0]),
                 ).rowcount
         return n

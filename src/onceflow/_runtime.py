@@ -305,7 +305,7 @@ class Executor:
     def _reduce(self, step: Step, items: list[Item], batch: Batch) -> list[Item]:
         st = self.states[step.name]
         parts = batch.parts
-        st.prefetch([(parts[s], k) for k, _, s in items])
+        st.prefetch([(parts[s], k or "") for k, _, s in items])
         cache = st.cache
         dirty = st.dirty
         fn = step.fn
@@ -313,7 +313,7 @@ class Executor:
         always = step.options.get("always_initial", False) or initial is not None
         out: list[Item] = []
         for k, v, s in items:
-            pk = (parts[s], k)
+            pk = (parts[s], k or "")
             acc = cache.get(pk, MISSING)
             mutable = not isinstance(acc, _IMMUTABLE) and acc is not MISSING
             snapshot = dump_state(acc) if mutable else None
@@ -339,13 +339,14 @@ class Executor:
     def _process(self, step: Step, items: list[Item], batch: Batch) -> list[Item]:
         st = self.states[step.name]
         parts = batch.parts
-        st.prefetch([(parts[s], k) for k, _, s in items])
+        st.prefetch([(parts[s], k or "") for k, _, s in items])
         state = State(st)
         cache = st.cache
         fn = step.fn
         out: list[Item] = []
         for k, v, s in items:
-            pk = (parts[s], k)
+            # Keyless records share one state per partition, under the empty key.
+            pk = (parts[s], k or "")
             state._pk = pk
             before = cache.get(pk, MISSING)
             was_dirty = pk in st.dirty
