@@ -32,6 +32,7 @@ class EmbeddedSession:
         self.owner = owner
         self.leases: dict[tuple[int, int], int] = {}
         self.assigned: list[tuple[str, int, int]] = []  # (topic, topic id, partition)
+        self._leftover: dict[tuple[int, int], tuple[int, Columns]] = {}
 
     # -- start ----------------------------------------------------------------------
 
@@ -118,7 +119,11 @@ class EmbeddedSession:
     # -- reading --------------------------------------------------------------------
 
     def poll(self, positions: dict[tuple[str, int], int], max_records: int) -> list[Batch]:
-        """Committed input records from the positions, grouped per source topic."""
+        """Committed input records from the positions, grouped per source topic.
+
+        At most `max_records`: a stored batch cut short is kept decoded for the next poll
+        rather than read and decoded again.
+        """
         by_topic: dict[str, Batch] = {}
         per_part = max(1, max_records // max(1, len(self.assigned)))
         total = 0
@@ -126,9 +131,27 @@ class EmbeddedSession:
             if total >= max_records:
                 break
             pos = positions[(topic, part)]
-            for base, cols in self.store.read_batches(tid, part, pos, per_part):
+            want = min(per_part, max_records - total)
+            runs: list[tuple[int, Columns]] = []
+            left = self._leftover.pop((tid, part), None)
+            if left is not None and left[0] == pos:
+                runs.append(left)
+                if len(left[1]) < want:
+                    runs.extend(
+                        self.store.read_batches(tid, part, pos + len(left[1]), want - len(left[1]))
+                    )
+            else:
+                runs.extend(self.store.read_batches(tid, part, pos, want))
+            got = 0
+            for base, cols in runs:
+                if got >= want:
+                    break
                 n = len(cols)
-                total += n
+                if got + n > want:
+                    cut = want - got
+                    self._leftover[(tid, part)] = (base + cut, cols.slice(cut, n))
+                    cols, n = cols.slice(0, cut), cut
+                got += n
                 b = by_topic.get(topic)
                 if b is None:
                     b = by_topic[topic] = Batch(topic, [], [], [], [], [], [])
@@ -138,6 +161,7 @@ class EmbeddedSession:
                 b.raws.extend(cols.values)
                 b.tss.extend(cols.tss)
                 b.ids.extend(cols.ids)
+            total += got
         return list(by_topic.values())
 
     def partitions_of(self, topic: str) -> int:
