@@ -1,0 +1,58 @@
+"""Pipelines the crash tests run, in-process and as killable child processes.
+
+Module-level factories, so that a child process can load them as
+`tests.pipelines:NAME` (the worker sets the store).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from onceflow import App, FileSink, SQLiteTableSink, State
+
+# Small epochs make every run cross many commits, so crashes land between them.
+SMALL = {"commit_every": 7, "max_batch": 5, "commit_interval": 0.02}
+
+
+def running_sum() -> App:
+    """One stage, keyed state: per-key output order is deterministic."""
+    app = App("sums", partitions=3, **SMALL)  # type: ignore[arg-type]
+    app.source("amounts").reduce(name="total", fn=lambda a, v: a + v["n"], initial=0).to("totals")
+    return app
+
+
+def _apply(v: dict[str, Any], st: State) -> list[dict[str, Any]]:
+    bal = st.get(100)
+    ok = bal >= v["n"]
+    if ok:
+        st.value = bal - v["n"]
+    return [{"id": v["id"], "ok": ok, "bal": st.get(100)}]
+
+
+def payments() -> App:
+    """Dedupe with replayed answers, a keyed process, and a second stage via a topic."""
+    app = App("payments", partitions=2, **SMALL)  # type: ignore[arg-type]
+    once = app.source("payments").dedupe(name="ids", ttl=3600, replay_to="answers")
+    once.process(name="debits", fn=_apply).to("answers")
+    (once.key_by(lambda v: v["to"]).through("credits")
+        .reduce(name="credits", fn=lambda a, v: a + v["n"], initial=0).to("credit-totals"))
+    return app
+
+
+def with_sinks() -> App:
+    """A SQLite table sink and a file sink beside an output topic."""
+    app = App("sinks", partitions=2, **SMALL)  # type: ignore[arg-type]
+    totals = app.source("amounts").reduce(name="total", fn=lambda a, v: a + v["n"], initial=0)
+    totals.to("totals")
+    totals.map(lambda t: {"k": "sum-" + str(t), "v": t}).sink(
+        SQLiteTableSink("seen_totals", key=["k"], columns=["k", "v"])
+    )
+    path = os.environ.get("ONCEFLOW_TEST_FILE", "sink-output.jsonl")
+    totals.sink(FileSink(path))
+    return app
+
+
+running_sum_app = running_sum()
+payments_app = payments()
+with_sinks_app = with_sinks()
