@@ -157,7 +157,7 @@ class Checkpoint:
             st.committed()
         for name, rows in ep.sink_rows.items():
             self.sinks[name].after_commit(s.conn, rows)
-        n_out = ep.records_out
+        n_out = ep.records_out - ep.dead_letters
         self.executor.epoch = Epoch()
         self.hooks.commit_finished(epoch_no, ep.records_in, n_out, time.monotonic() - t0)
         return True
