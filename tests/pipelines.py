@@ -56,3 +56,15 @@ def with_sinks() -> App:
 running_sum_app = running_sum()
 payments_app = payments()
 with_sinks_app = with_sinks()
+
+
+def nondeterministic() -> App:
+    """Broken on purpose: its output depends on the run, so the chaos audit must fail."""
+    import random
+
+    app = App("broken", **SMALL)  # type: ignore[arg-type]
+    app.source("events").map(lambda v: {**v, "noise": random.random()}).to("out")
+    return app
+
+
+nondeterministic_app = nondeterministic()
