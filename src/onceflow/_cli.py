@@ -1,0 +1,489 @@
+"""The `onceflow` command: a thin click layer over the library.
+
+Library errors (`OnceflowError`) become a one-line `Error: ...` on stderr and exit
+status 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import click
+from click.core import ParameterSource
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from ._app import App
+from ._errors import OnceflowError
+from ._loader import load_app
+from ._records import Record
+from ._settings import ENV_HELP, Settings
+from ._sqlite import SQLiteStore
+from ._status import (
+    AppStatus,
+    as_json,
+    decode_value,
+    describe_rows,
+    end_positions,
+    last_records,
+    list_topics,
+    open_store,
+    read_new,
+    record_dict,
+    reset_app,
+    reset_plan,
+    status,
+    tail_partitions,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Commands other modules implement, imported only when run, so that one missing or
+# broken module leaves the rest of the CLI working. Their help is hard-coded for the
+# same reason: `onceflow --help` must not import them.
+LAZY_COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": (
+        "onceflow._demo:demo_command",
+        "Run the payments demo: crash a pipeline, check every payment took effect once.",
+    ),
+    "chaos": (
+        "onceflow._chaos:chaos_command",
+        "Kill a pipeline repeatedly and audit its output for loss and duplicates.",
+    ),
+}
+
+# `tail --follow` re-reads the log this often. Records appear only when a producer or
+# an App commits, and commits are ~0.1 s apart by default, so faster polling only burns
+# CPU and takes the store's lock more often.
+FOLLOW_POLL_S = 0.2
+
+
+@dataclass(frozen=True)
+class CliState:
+    """The group's options, handed to every subcommand through `ctx.obj`."""
+
+    store: str
+    store_explicit: bool
+
+
+def one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+class OnceflowGroup(click.Group):
+    """A click group that loads some commands lazily and turns library errors into
+    clean messages."""
+
+    def __init__(
+        self, *args: Any, lazy_commands: dict[str, tuple[str, str]] | None = None, **kw: Any
+    ) -> None:
+        super().__init__(*args, **kw)
+        self.lazy_commands = dict(LAZY_COMMANDS if lazy_commands is None else lazy_commands)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy_commands])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy_commands:
+            return _import_command(cmd_name, *self.lazy_commands[cmd_name])
+        return super().get_command(ctx, cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names), default=0)
+        rows = []
+        for name in names:
+            if name in self.lazy_commands:
+                rows.append((name, self.lazy_commands[name][1]))
+            elif not self.commands[name].hidden:
+                rows.append((name, self.commands[name].get_short_help_str(limit)))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Environment variables"):
+            formatter.write_dl(list(ENV_HELP.items()))
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OnceflowError as exc:
+            raise click.ClickException(one_line(str(exc))) from exc
+
+
+def _import_command(name: str, target: str, help_text: str) -> click.Command:
+    module_name, _, attr = target.partition(":")
+    try:
+        cmd = getattr(importlib.import_module(module_name), attr)
+    except Exception as exc:
+        # Any failure, not only ImportError: a module that raises while importing must
+        # not take the other commands down, and the message says how to see why.
+        why = (
+            f"cannot load {target} ({type(exc).__name__}: {exc}); "
+            f"`python -c 'import {module_name}'` shows the traceback"
+        )
+        return _unavailable(name, why, help_text)
+    if not isinstance(cmd, click.Command):
+        return _unavailable(
+            name, f"{target} is a {type(cmd).__name__}, not a click command", help_text
+        )
+    return cmd
+
+
+def _unavailable(name: str, why: str, help_text: str) -> click.Command:
+    """A stand-in that fails with the reason, whatever arguments it is given."""
+
+    def fail() -> None:
+        raise click.ClickException(
+            f"the '{name}' command is not available: {why}. "
+            "Operator action: reinstall onceflow, or check the module for errors"
+        )
+
+    return click.Command(
+        name,
+        callback=fail,
+        help=help_text,
+        add_help_option=False,
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
+
+
+def store_option(fn: F) -> F:
+    """`--store` after the command name too, as in `onceflow reset APP --store X`."""
+    return click.option(
+        "--store",
+        "store",
+        default=None,
+        metavar="PATH",
+        help="Store file; overrides a --store given before the command.",
+    )(fn)
+
+
+def resolve_store(ctx: click.Context, override: str | None) -> tuple[str, bool]:
+    """(store path, whether the user chose it). Command line beats group, then env."""
+    if override is not None:
+        return override, True
+    state = ctx.find_object(CliState)
+    if state is not None:
+        return state.store, state.store_explicit
+    # Invoked outside the `onceflow` group (a lazily loaded command's own group).
+    env = os.environ.get("ONCEFLOW_STORE")
+    return (env, True) if env else (Settings.store, False)
+
+
+def console() -> Console:
+    # Markup off: topic, key and owner strings may contain [brackets] rich would eat.
+    return Console(markup=False, highlight=False)
+
+
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2))
+
+
+def age(ts: float | None, now: float | None = None) -> str:
+    """'4s ago', '3m 12s ago', ...; 'never' for no timestamp."""
+    if ts is None:
+        return "never"
+    s = max(0, int((time.time() if now is None else now) - ts))
+    if s >= 86400:
+        return f"{s // 86400}d {s % 86400 // 3600}h ago"
+    if s >= 3600:
+        return f"{s // 3600}h {s % 3600 // 60}m ago"
+    if s >= 60:
+        return f"{s // 60}m {s % 60}s ago"
+    return f"{s}s ago"
+
+
+# -- the group --------------------------------------------------------------------
+
+
+@click.group(cls=OnceflowGroup)
+@click.option(
+    "--store",
+    default=Settings.store,
+    show_default=True,
+    envvar="ONCEFLOW_STORE",
+    show_envvar=True,
+    metavar="PATH",
+    help="The store file (an embedded SQLite database).",
+)
+@click.version_option(__version__, prog_name="onceflow")
+@click.pass_context
+def cli(ctx: click.Context, store: str) -> None:
+    """Stream processing with an end-to-end exactly-once guarantee.
+
+    Run a pipeline with `onceflow run MODULE:APP`, then look inside its store with
+    `topics`, `tail` and `status`.
+    """
+    source = ctx.get_parameter_source("store")
+    explicit = source is not None and source != ParameterSource.DEFAULT
+    ctx.obj = CliState(store=store, store_explicit=explicit)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The console script `onceflow` and `python -m onceflow`."""
+    cli.main(args=argv)
+
+
+# -- run --------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("target", metavar="MODULE:APP")
+@click.option("--until-idle", is_flag=True, help="Stop once every source is drained and committed.")
+@store_option
+@click.pass_context
+def run(ctx: click.Context, target: str, until_idle: bool, store: str | None) -> None:
+    """Run the App at MODULE:APP, e.g. payments:app.
+
+    It runs until Ctrl-C or SIGTERM, which make it commit and stop, or with
+    --until-idle until every source is drained and committed. The App keeps its own
+    store unless --store or ONCEFLOW_STORE is given.
+    """
+    app: App = load_app(target)
+    path, explicit = resolve_store(ctx, store)
+    if explicit:
+        app.store = path
+    stats = app.run(until_idle=until_idle)
+    click.echo(
+        f"app '{app.name}' (store {app.store}): {stats.records_in} records in, "
+        f"{stats.records_out} out, {stats.duplicates} duplicates dropped, "
+        f"{stats.dead_letters} dead letters, {stats.commits} commits in {stats.seconds:.2f}s"
+    )
+
+
+# -- topics -----------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json_flag", is_flag=True, help="Print JSON instead of a table.")
+@store_option
+@click.pass_context
+def topics(ctx: click.Context, as_json_flag: bool, store: str | None) -> None:
+    """List the topics of the store with their partitions and records."""
+    path, _ = resolve_store(ctx, store)
+    with open_store(path) as st:
+        found = list_topics(st)
+    if as_json_flag:
+        echo_json(as_json(found))
+        return
+    if not found:
+        click.echo(f"no topics in store '{path}'")
+        return
+    table = Table("topic", "partitions", "records")
+    for t in found:
+        table.add_row(t.name, str(t.partitions), str(t.records))
+    console().print(table)
+
+
+# -- tail -------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("topic")
+@click.option(
+    "--from-beginning/--from-end",
+    "from_beginning",
+    default=None,
+    help="Start at the first record, or after the last one. [default: the last --lines]",
+)
+@click.option(
+    "-n",
+    "--lines",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="How many of the latest records to show first.",
+)
+@click.option("-f", "--follow", is_flag=True, help="Keep printing new records until Ctrl-C.")
+@click.option(
+    "-p", "--partition", type=click.IntRange(min=0), default=None, help="Only this partition."
+)
+@click.option("--json", "as_json_flag", is_flag=True, help="One JSON object per line.")
+@store_option
+@click.pass_context
+def tail(
+    ctx: click.Context,
+    topic: str,
+    from_beginning: bool | None,
+    lines: int,
+    follow: bool,
+    partition: int | None,
+    as_json_flag: bool,
+    store: str | None,
+) -> None:
+    """Print the committed records of TOPIC.
+
+    Reading never joins a consumer group or moves an offset, so it is safe next to a
+    running App.
+    """
+    path, _ = resolve_store(ctx, store)
+    show = _print_json if as_json_flag else _print_text
+    with open_store(path) as st:
+        parts = tail_partitions(st, topic, partition)
+        if from_beginning is None:
+            recent, positions = last_records(st, topic, parts, lines)
+            show(recent)
+        elif from_beginning:
+            positions = dict.fromkeys(parts, 0)
+        else:
+            positions = end_positions(st, topic, parts)
+        while batch := read_new(st, topic, positions):
+            show(batch)
+        if follow:
+            _follow(st, topic, positions, show)
+
+
+def _follow(
+    st: SQLiteStore, topic: str, positions: dict[int, int], show: Callable[[list[Record]], None]
+) -> None:
+    try:
+        while True:
+            batch = read_new(st, topic, positions)
+            if batch:
+                show(batch)
+            else:
+                time.sleep(FOLLOW_POLL_S)
+    except KeyboardInterrupt:
+        # Ctrl-C is how a follow ends, not a failure.
+        return
+
+
+def _print_text(records: list[Record]) -> None:
+    for rec in records:
+        click.echo(format_record(rec))
+
+
+def _print_json(records: list[Record]) -> None:
+    for rec in records:
+        click.echo(json.dumps(record_dict(rec), ensure_ascii=False))
+
+
+def format_record(rec: Record) -> str:
+    """`p0@12 key=k id=i headers={...} value`: one line per record, whatever the value."""
+    encoding, text = decode_value(rec.value)
+    # A value with a newline or control character would break one-record-per-line.
+    value = (
+        text
+        if encoding == "utf-8" and text.isprintable()
+        else repr(text if encoding == "utf-8" else rec.value)
+    )
+    parts = [f"p{rec.partition}@{rec.offset}", f"key={rec.key}", f"id={rec.id}"]
+    if rec.headers:
+        parts.append(f"headers={json.dumps(rec.headers, ensure_ascii=False)}")
+    parts.append(value)
+    return " ".join(parts)
+
+
+# -- status -----------------------------------------------------------------------
+
+
+@cli.command("status")
+@click.option("--app", "app_name", metavar="NAME", default=None, help="Only this app.")
+@click.option("--json", "as_json_flag", is_flag=True, help="Print JSON instead of tables.")
+@store_option
+@click.pass_context
+def status_command(
+    ctx: click.Context, app_name: str | None, as_json_flag: bool, store: str | None
+) -> None:
+    """Show each app's progress and what it holds in the store.
+
+    Per source partition: end and committed offsets, lag, lease epoch and owner. Per
+    app: commits, last commit, dead letters, keys held per stateful step (dedup ids
+    with the oldest one's age), and undelivered outbox epochs per sink.
+    """
+    path, _ = resolve_store(ctx, store)
+    with open_store(path) as st:
+        apps = status(st, app_name)
+    if as_json_flag:
+        echo_json(as_json(apps))
+        return
+    if not apps:
+        click.echo(f"no apps in store '{path}'")
+        return
+    out = console()
+    now = time.time()
+    for app in apps:
+        _print_app(out, app, now)
+
+
+def _print_app(out: Console, app: AppStatus, now: float) -> None:
+    out.print(
+        f"app {app.name}: {app.commits} commits, last commit {age(app.last_commit, now)}, "
+        f"lag {app.lag}, {app.dead_letters} dead letters in {app.dead_letter_topic}",
+        soft_wrap=True,
+    )
+    out.print(_partitions_table(app))
+    if app.steps:
+        out.print(_steps_table(app, now))
+    if app.sinks:
+        out.print(_sinks_table(app))
+
+
+def _dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _partitions_table(app: AppStatus) -> Table:
+    table = Table("topic", "partition", "end", "committed", "lag", "lease epoch", "owner")
+    for p in app.partitions:
+        table.add_row(
+            p.topic,
+            str(p.partition),
+            str(p.end_offset),
+            _dash(p.committed_offset),
+            str(p.lag),
+            _dash(p.lease_epoch),
+            _dash(p.lease_owner),
+        )
+    return table
+
+
+def _steps_table(app: AppStatus, now: float) -> Table:
+    """One "keys held" column: dedup ids for dedupe steps, state keys for the others."""
+    table = Table("step", "kind", "source", "keys held", "oldest key")
+    for s in app.steps:
+        if s.kind == "dedupe" or s.dedup_keys:
+            keys, oldest = s.dedup_keys, age(s.oldest_dedup_seen, now)
+        else:
+            keys, oldest = s.state_keys, "-"
+        table.add_row(s.name, s.kind, _dash(s.topic), str(keys), oldest)
+    return table
+
+
+def _sinks_table(app: AppStatus) -> Table:
+    table = Table("sink", "pending epochs", "delivered epochs", "position")
+    for k in app.sinks:
+        table.add_row(k.name, str(k.pending_epochs), str(k.delivered_epochs), str(k.position))
+    return table
+
+
+# -- reset ------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("app")
+@click.option("--yes", is_flag=True, help="Really delete; without it, only show what would go.")
+@store_option
+@click.pass_context
+def reset(ctx: click.Context, app: str, yes: bool, store: str | None) -> None:
+    """Forget APP's offsets, state, dedup keys, leases and sink progress.
+
+    The next run reprocesses every source from offset 0. Topics and their records
+    (outputs and dead letters included) are kept, so outputs are written again.
+    """
+    path, _ = resolve_store(ctx, store)
+    with open_store(path) as st:
+        if not yes:
+            plan = reset_plan(st, app)
+            click.echo(f"reset would delete from '{path}': {describe_rows(plan)}", err=True)
+            raise click.ClickException(f"refusing to reset app '{app}' without --yes")
+        deleted = reset_app(st, app)
+    click.echo(f"reset app '{app}' in '{path}': deleted {describe_rows(deleted)}")
