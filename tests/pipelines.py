@@ -35,8 +35,12 @@ def payments() -> App:
     app = App("payments", partitions=2, **SMALL)  # type: ignore[arg-type]
     once = app.source("payments").dedupe(name="ids", ttl=3600, replay_to="answers")
     once.process(name="debits", fn=_apply).to("answers")
-    (once.key_by(lambda v: v["to"]).through("credits")
-        .reduce(name="credits", fn=lambda a, v: a + v["n"], initial=0).to("credit-totals"))
+    (
+        once.key_by(lambda v: v["to"])
+        .through("credits")
+        .reduce(name="credits", fn=lambda a, v: a + v["n"], initial=0)
+        .to("credit-totals")
+    )
     return app
 
 

@@ -12,7 +12,9 @@ from onceflow._chaos import chaos_command, run_chaos
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_chaos_passes_on_the_example_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chaos_passes_on_the_example_pipeline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(ROOT / "examples")
     result = run_chaos("wallets:app", events=1500, kills=3, seed=7, workdir=str(tmp_path))
     assert result.ok, result.checks
@@ -23,7 +25,9 @@ def test_chaos_passes_on_the_example_pipeline(tmp_path: Path, monkeypatch: pytes
     assert "every input id once in 'results'" in names
 
 
-def test_chaos_command_reports_and_exits_zero(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chaos_command_reports_and_exits_zero(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(ROOT / "examples")
     out = CliRunner().invoke(
         chaos_command, ["wallets:app", "--events", "600", "--kills", "2", "--dir", str(tmp_path)]
@@ -32,10 +36,13 @@ def test_chaos_command_reports_and_exits_zero(tmp_path: Path, monkeypatch: pytes
     assert "exactly-once holds" in out.output
 
 
-def test_chaos_fails_a_pipeline_whose_effects_differ(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chaos_fails_a_pipeline_whose_effects_differ(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(ROOT)
-    result = run_chaos("tests.pipelines:nondeterministic_app", events=300, kills=1, seed=1,
-                       workdir=str(tmp_path))
+    result = run_chaos(
+        "tests.pipelines:nondeterministic_app", events=300, kills=1, seed=1, workdir=str(tmp_path)
+    )
     assert not result.ok
     failed = [name for name, ok, _ in result.checks if not ok]
     assert "committed outputs equal the reference fold (none lost, none doubled)" in failed

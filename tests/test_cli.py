@@ -493,3 +493,16 @@ def test_reset_unknown_app_and_group_store_option(db: str) -> None:
     ok("--store", db, "reset", APP, "--yes")
     with closing(SQLiteStore(db)) as store, pytest.raises(ConfigError, match="no app named"):
         reset_app(store, APP)
+
+
+def test_status_shows_retention_and_a_custom_dead_letter_topic(db: str) -> None:
+    with Producer(db) as p:
+        p.send_batch("in", [(None, {"n": 1}, "a"), (None, b"not json", "b")])
+    app = App("ret", store=db, dead_letter_topic="ret-bad")
+    app.source("in").dedupe(name="ids", ttl=7 * 86400, max_keys=1000).to("out")
+    app.run(until_idle=True)
+    (st,) = status_json(db, "--app", "ret")
+    assert st["dead_letter_topic"] == "ret-bad" and st["dead_letters"] == 1
+    (step,) = st["steps"]
+    assert step["retention"] == "ttl 7d, newest 1,000"
+    assert "ttl 7d, newest 1,000" in ok("--store", db, "status", "--app", "ret").stdout

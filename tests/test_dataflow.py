@@ -25,8 +25,15 @@ from .helpers import read_all, values
 Factory = Callable[..., App]
 
 
-def produce(store: str, topic: str, items: list[Any], *, key: Callable[[Any], str] | None = None,
-            ids: bool = False, partitions: int = 1) -> None:
+def produce(
+    store: str,
+    topic: str,
+    items: list[Any],
+    *,
+    key: Callable[[Any], str] | None = None,
+    ids: bool = False,
+    partitions: int = 1,
+) -> None:
     with Producer(store, partitions=partitions) as p:
         p.send_batch(
             topic,
@@ -55,8 +62,12 @@ def test_key_by_sets_partitioning_key(store: str, app_factory: Factory) -> None:
 
 
 def test_reduce_and_aggregate_keep_per_key_state(store: str, app_factory: Factory) -> None:
-    produce(store, "in", [{"k": k, "n": n} for k, n in [("a", 1), ("b", 2), ("a", 3)]],
-            key=lambda v: v["k"])
+    produce(
+        store,
+        "in",
+        [{"k": k, "n": n} for k, n in [("a", 1), ("b", 2), ("a", 3)]],
+        key=lambda v: v["k"],
+    )
     app = app_factory()
     s = app.source("in")
     s.map(lambda v: v["n"]).reduce(name="sum", fn=lambda acc, v: acc + v).to("sums")
@@ -80,8 +91,12 @@ def counter(value: Any, state: State) -> list[Any]:
 
 
 def test_process_reads_writes_deletes_state(store: str, app_factory: Factory) -> None:
-    produce(store, "in", [{"k": "x"}, {"k": "x"}, {"k": "x", "reset": True}, {"k": "x"}],
-            key=lambda v: v["k"])
+    produce(
+        store,
+        "in",
+        [{"k": "x"}, {"k": "x"}, {"k": "x", "reset": True}, {"k": "x"}],
+        key=lambda v: v["k"],
+    )
     app = app_factory()
     app.source("in").process(name="count", fn=counter).to("counts")
     app.run(until_idle=True)
@@ -112,8 +127,13 @@ def test_stateful_step_after_key_by_is_refused(app_factory: Factory) -> None:
 def test_through_repartitions_for_stateful_steps(store: str, app_factory: Factory) -> None:
     produce(store, "in", [{"acct": f"a{i % 3}", "n": i} for i in range(9)], partitions=3)
     app = app_factory(partitions=3)
-    (app.source("in").key_by(lambda v: v["acct"]).through("by-acct")
-        .reduce(name="sum", fn=lambda a, v: a + v["n"], initial=0).to("sums"))
+    (
+        app.source("in")
+        .key_by(lambda v: v["acct"])
+        .through("by-acct")
+        .reduce(name="sum", fn=lambda a, v: a + v["n"], initial=0)
+        .to("sums")
+    )
     app.run(until_idle=True)
     last: dict[str, int] = {}
     for r in read_all(store, "sums"):
@@ -142,8 +162,9 @@ def test_dedupe_needs_a_retention() -> None:
 
 def test_dedupe_by_record_id_and_by_key_function(store: str, app_factory: Factory) -> None:
     with Producer(store) as p:
-        p.send_batch("in", [(None, {"pid": "A"}, "A"), (None, {"pid": "B"}, "B"),
-                            (None, {"pid": "A"}, "A")])
+        p.send_batch(
+            "in", [(None, {"pid": "A"}, "A"), (None, {"pid": "B"}, "B"), (None, {"pid": "A"}, "A")]
+        )
     with Producer(store, producer_id="other-session") as p:
         p.send("in", {"pid": "B"}, id="B")
     app = app_factory()
@@ -160,8 +181,12 @@ def test_dedupe_replays_the_first_outcome(store: str, app_factory: Factory) -> N
     with Producer(store) as p:
         p.send_batch("in", [(None, {"pid": "A", "n": 5}, "A"), (None, {"pid": "A", "n": 99}, "A")])
     app = app_factory()
-    (app.source("in").dedupe(name="pay", ttl=60, replay_to="answers")
-        .map(lambda v: {"pid": v["pid"], "charged": v["n"]}).to("answers"))
+    (
+        app.source("in")
+        .dedupe(name="pay", ttl=60, replay_to="answers")
+        .map(lambda v: {"pid": v["pid"], "charged": v["n"]})
+        .to("answers")
+    )
     app.run(until_idle=True)
     # A later retry, after the first outcome was committed, gets the same answer.
     with Producer(store, producer_id="retry") as p:
@@ -170,7 +195,9 @@ def test_dedupe_replays_the_first_outcome(store: str, app_factory: Factory) -> N
     recs = read_all(store, "answers")
     assert [json.loads(r.value) for r in recs] == [{"pid": "A", "charged": 5}] * 3
     assert [bool(r.headers and r.headers.get("onceflow-replay")) for r in recs] == [
-        False, True, True,
+        False,
+        True,
+        True,
     ]
 
 
@@ -203,7 +230,9 @@ def test_dedupe_max_keys_keeps_the_newest(store: str, app_factory: Factory) -> N
     assert 5 <= held < 60
 
 
-def test_undecodable_and_invalid_values_become_dead_letters(store: str, app_factory: Factory) -> None:
+def test_undecodable_and_invalid_values_become_dead_letters(
+    store: str, app_factory: Factory
+) -> None:
     class Payment(msgspec.Struct):
         id: str
         amount: int
@@ -274,7 +303,7 @@ def test_on_error_stop_commits_nothing_of_the_epoch(store: str, app_factory: Fac
 def test_exactly_once_app_refuses_at_least_once_sink(app_factory: Factory) -> None:
     app = app_factory()
     app.source("in").sink(CallbackSink(print, name="printer"))
-    with pytest.raises(SinkGuaranteeError, match="'printer'.*at-least-once.*Operator action"):
+    with pytest.raises(SinkGuaranteeError, match=r"'printer'.*at-least-once.*Operator action"):
         app.build()
     ok = app_factory(guarantee="at-least-once")
     ok.source("in").sink(CallbackSink(print))
@@ -288,7 +317,7 @@ def test_changed_topology_is_refused_naming_the_step(store: str, app_factory: Fa
     first.run(until_idle=True)
     changed = app_factory("shop")
     changed.source("in").reduce(name="sums", fn=lambda a, v: a + v).to("out")
-    with pytest.raises(TopologyError, match="'totals'.*gone.*onceflow reset shop"):
+    with pytest.raises(TopologyError, match=r"'totals'.*gone.*onceflow reset shop"):
         changed.run(until_idle=True)
 
 
@@ -302,7 +331,9 @@ def test_changed_topology_is_refused_naming_the_step(store: str, app_factory: Fa
         ({"dead_letter_topic": "bad topic"}, "invalid topic name"),
     ],
 )
-def test_invalid_configuration_fails_at_start(app_factory: Factory, kwargs: Any, match: str) -> None:
+def test_invalid_configuration_fails_at_start(
+    app_factory: Factory, kwargs: Any, match: str
+) -> None:
     with pytest.raises(ConfigError, match=match):
         app_factory(**kwargs)
 

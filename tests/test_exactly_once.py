@@ -59,15 +59,17 @@ def payment_events(n: int, seed: int = 0, crash: str | None = None) -> list[Even
 
 @pytest.mark.parametrize("point", CRASH_POINTS[:5])
 def test_single_stage_survives_crashes_at_every_step(point: str, tmp_path: Path) -> None:
-    report = assert_exactly_once(pipelines.running_sum, amount_events(120, crash=point),
-                                 workdir=tmp_path)
+    report = assert_exactly_once(
+        pipelines.running_sum, amount_events(120, crash=point), workdir=tmp_path
+    )
     assert report.crashes >= 3
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS[:5])
 def test_dedupe_process_and_two_stages_survive_crashes(point: str, tmp_path: Path) -> None:
-    report = assert_exactly_once(pipelines.payments, payment_events(90, crash=point),
-                                 workdir=tmp_path, ordered=False)
+    report = assert_exactly_once(
+        pipelines.payments, payment_events(90, crash=point), workdir=tmp_path, ordered=False
+    )
     assert report.crashes >= 3
 
 
@@ -125,11 +127,19 @@ def test_file_sink_never_shows_a_partial_or_doubled_line(tmp_path: Path) -> None
     killed = 0
     for i, chunk in enumerate(range(0, len(events), 25)):
         send(store, events[chunk : chunk + 25])
-        child = Child("tests.pipelines:with_sinks_app", store=store, crash_at=f"sink_flush:{1 + i % 2}",
-                      until_idle=True, env=env, cwd=str(ROOT))
+        child = Child(
+            "tests.pipelines:with_sinks_app",
+            store=store,
+            crash_at=f"sink_flush:{1 + i % 2}",
+            until_idle=True,
+            env=env,
+            cwd=str(ROOT),
+        )
         assert child.wait(60) in (0, -9), child.stderr()
         killed += child.killed
-    final = Child("tests.pipelines:with_sinks_app", store=store, until_idle=True, env=env, cwd=str(ROOT))
+    final = Child(
+        "tests.pipelines:with_sinks_app", store=store, until_idle=True, env=env, cwd=str(ROOT)
+    )
     assert final.wait(60) == 0, final.stderr()
     assert killed >= 2
     lines = out.read_bytes().split(b"\n")
@@ -155,7 +165,9 @@ def test_zombie_cannot_commit_after_takeover(store: str) -> None:
         p.send_batch("amounts", [("k", {"n": 1}, f"e{i}") for i in range(10)])
     pause = _Pause()
     zombie = App("sums", store=store, hooks=[pause])
-    zombie.source("amounts").reduce(name="total", fn=lambda a, v: a + v["n"], initial=0).to("totals")
+    zombie.source("amounts").reduce(name="total", fn=lambda a, v: a + v["n"], initial=0).to(
+        "totals"
+    )
     errors: list[BaseException] = []
 
     def run_zombie() -> None:
@@ -178,7 +190,9 @@ def test_zombie_cannot_commit_after_takeover(store: str) -> None:
     assert [json.loads(r.value) for r in read_all(store, "totals")] == list(range(1, 11))
 
 
-def test_commit_that_raises_but_landed_is_not_replayed(store: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_commit_that_raises_but_landed_is_not_replayed(
+    store: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Step 4: an unknown outcome is looked up in the store, never blindly retried."""
     from onceflow._embedded import EmbeddedSession
 

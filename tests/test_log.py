@@ -60,9 +60,8 @@ def test_other_producer_ids_are_independent(store: str) -> None:
 
 
 def test_batch_is_all_or_nothing(store: str) -> None:
-    with Producer(store) as p:
-        with pytest.raises(ConfigError):
-            p.send_batch("t", [("k", b"1", None), ("k", b"2", None)], sequences=[0])
+    with Producer(store) as p, pytest.raises(ConfigError):
+        p.send_batch("t", [("k", b"1", None), ("k", b"2", None)], sequences=[0])
     assert read_all(store, "t") == []
 
 
@@ -71,7 +70,11 @@ def test_records_keep_key_value_headers_id(store: str) -> None:
         p.send("t", {"a": 1}, key="k", id="e-1", headers={"h": "v"}, timestamp=123.0)
     (rec,) = read_all(store, "t")
     assert (rec.key, rec.value, rec.headers, rec.id, rec.timestamp) == (
-        "k", b'{"a":1}', {"h": "v"}, "e-1", 123.0,
+        "k",
+        b'{"a":1}',
+        {"h": "v"},
+        "e-1",
+        123.0,
     )
 
 

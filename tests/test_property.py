@@ -24,8 +24,12 @@ KEYS = ["a", "b", "c", "d", "e"]
 
 def build(store: str) -> App:
     app = App("fold", store=store, partitions=2, commit_every=3, max_batch=2)
-    (app.source("in").dedupe(name="ids", max_keys=10_000)
-        .reduce(name="sum", fn=lambda acc, v: acc + v["n"], initial=0).to("sums"))
+    (
+        app.source("in")
+        .dedupe(name="ids", max_keys=10_000)
+        .reduce(name="sum", fn=lambda acc, v: acc + v["n"], initial=0)
+        .to("sums")
+    )
     return app
 
 
@@ -50,7 +54,13 @@ class ExactlyOnce(RuleBasedStateMachine):
             eid = f"id-{len(self.sent)}"
             r = self.producer.send("in", {"n": n}, key=key, id=eid)
             self.sent.append((eid, key, n))
-            self.last_send = (eid, key, n, r.partition, self.producer.last_sequence("in", r.partition))
+            self.last_send = (
+                eid,
+                key,
+                n,
+                r.partition,
+                self.producer.last_sequence("in", r.partition),
+            )
 
     @precondition(lambda self: self.sent)
     @rule(data=st.data())

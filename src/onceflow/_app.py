@@ -186,7 +186,9 @@ class App:
             session = EmbeddedSession(store, self.name, owner)
             session.ensure_topics(self._topics())
             session.check_topology(
-                signature(self._sources), f"onceflow reset {self.name} --store {self.store}"
+                signature(self._sources),
+                f"onceflow reset {self.name} --store {self.store}",
+                self._config(),
             )
             sources = [s.options["topic"] for s in self._sources]
             session.acquire(sources)
@@ -240,6 +242,18 @@ class App:
             store.close()
         self.stats.seconds = time.monotonic() - t_start
         return self.stats
+
+    def _config(self) -> dict[str, Any]:
+        """What `onceflow status` shows of this App beside its steps."""
+        return {
+            "guarantee": self.guarantee,
+            "dead_letter_topic": self.dead_letter_topic,
+            "retention": {
+                s.name: {"ttl": s.options["ttl"], "max_keys": s.options["max_keys"]}
+                for s in self._steps
+                if s.kind == "dedupe"
+            },
+        }
 
     def _topics(self) -> dict[str, int]:
         topics = {self.dead_letter_topic: self.partitions}

@@ -448,13 +448,13 @@ def _partitions_table(app: AppStatus) -> Table:
 
 def _steps_table(app: AppStatus, now: float) -> Table:
     """One "keys held" column: dedup ids for dedupe steps, state keys for the others."""
-    table = Table("step", "kind", "source", "keys held", "oldest key")
+    table = Table("step", "kind", "source", "keys held", "oldest key", "retention")
     for s in app.steps:
         if s.kind == "dedupe" or s.dedup_keys:
             keys, oldest = s.dedup_keys, age(s.oldest_dedup_seen, now)
         else:
             keys, oldest = s.state_keys, "-"
-        table.add_row(s.name, s.kind, _dash(s.topic), str(keys), oldest)
+        table.add_row(s.name, s.kind, _dash(s.topic), str(keys), oldest, _dash(s.retention))
     return table
 
 

@@ -40,17 +40,24 @@ class EmbeddedSession:
         for name, partitions in topics.items():
             self.store.ensure_topic(name, partitions)
 
-    def check_topology(self, sig: list[list[str]], reset_hint: str) -> None:
-        """Refuse to run a changed set of stateful steps over state written by another."""
+    def check_topology(self, sig: list[list[str]], reset_hint: str, config: dict[str, Any]) -> None:
+        """Refuse to run a changed set of stateful steps over state written by another.
+
+        `config` (dead-letter topic, dedup retention) is recorded for `onceflow status`;
+        unlike the steps, it may change between runs.
+        """
         text = json.dumps(sig)
+        cfg = json.dumps(config, sort_keys=True)
         with self.store.transaction() as conn:
             row = conn.execute("SELECT topology FROM apps WHERE app=?", (self.app,)).fetchone()
             if row is None:
                 conn.execute(
-                    "INSERT INTO apps(app, topology, commits) VALUES(?,?,0)", (self.app, text)
+                    "INSERT INTO apps(app, topology, config, commits) VALUES(?,?,?,0)",
+                    (self.app, text, cfg),
                 )
                 return
             if row[0] == text:
+                conn.execute("UPDATE apps SET config=? WHERE app=?", (cfg, self.app))
                 return
             old = {s[0]: s for s in json.loads(row[0])}
             new = {s[0]: s for s in sig}
@@ -219,6 +226,11 @@ class EmbeddedSession:
         for tp, epoch in self.leases.items():
             now_epoch, owner = current.get(tp, (None, None))
             if now_epoch != epoch:
+                if now_epoch is None:
+                    raise FencedError(
+                        f"app '{self.app}': the lease of partition {tp[1]} of topic id {tp[0]} "
+                        "is gone (was the app reset?); this process stops without committing"
+                    )
                 raise FencedError(
                     f"app '{self.app}': partition {tp[1]} of topic id {tp[0]} now has lease "
                     f"epoch {now_epoch} (owner {owner}), this process holds epoch {epoch}. "

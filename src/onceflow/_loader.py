@@ -32,10 +32,13 @@ def load_object(target: str) -> Any:
 
 
 def load_app(target: str) -> Any:
+    import inspect
+
     from ._app import App
 
     obj = load_object(target)
-    if callable(obj) and not isinstance(obj, App):
+    # A factory function is called; a class (say, onceflow:Producer) is not an App.
+    if inspect.isfunction(obj):
         obj = obj()
     if not isinstance(obj, App):
         raise ConfigError(f"{target!r} is a {type(obj).__name__}, not an onceflow App")

@@ -22,7 +22,7 @@ import msgspec
 from ._errors import ConfigError, StoreError
 from ._records import Columns, Record
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -56,8 +56,8 @@ CREATE TABLE IF NOT EXISTS leases(
     epoch INTEGER NOT NULL, owner TEXT NOT NULL, acquired REAL NOT NULL,
     PRIMARY KEY(app, topic_id, part)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS apps(
-    app TEXT PRIMARY KEY, topology TEXT NOT NULL, commits INTEGER NOT NULL,
-    last_commit REAL);
+    app TEXT PRIMARY KEY, topology TEXT NOT NULL, config TEXT NOT NULL DEFAULT '{}',
+    commits INTEGER NOT NULL, last_commit REAL);
 CREATE TABLE IF NOT EXISTS outbox(
     app TEXT NOT NULL, sink TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
     PRIMARY KEY(app, sink, seq)) WITHOUT ROWID;

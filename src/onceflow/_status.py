@@ -189,6 +189,7 @@ class StepStatus:
     state_keys: int
     dedup_keys: int
     oldest_dedup_seen: float | None
+    retention: str | None = None
 
 
 @dataclass(frozen=True)
@@ -232,14 +233,14 @@ def status(store: SQLiteStore, app: str | None = None) -> list[AppStatus]:
 def app_status(store: SQLiteStore, app: str) -> AppStatus:
     with store.lock:
         row = store.conn.execute(
-            "SELECT topology, commits, last_commit FROM apps WHERE app=?", (app,)
+            "SELECT topology, commits, last_commit, config FROM apps WHERE app=?", (app,)
         ).fetchone()
     if row is None:
         raise ConfigError(_unknown_app(store, app, app_names(store)))
-    topology, commits, last_commit = row
+    topology, commits, last_commit, config_text = row
+    config = json.loads(config_text)
     parts = source_partitions(store, app)
-    # The store does not record a custom dead_letter_topic=, so this is the default one.
-    dlq = f"{app}.dead-letters"
+    dlq = config.get("dead_letter_topic", f"{app}.dead-letters")
     return AppStatus(
         name=app,
         commits=commits,
@@ -248,7 +249,7 @@ def app_status(store: SQLiteStore, app: str) -> AppStatus:
         dead_letter_topic=dlq,
         dead_letters=records_held(store, dlq),
         partitions=parts,
-        steps=step_status(store, app, topology),
+        steps=step_status(store, app, topology, config.get("retention", {})),
         sinks=sink_status(store, app),
     )
 
@@ -284,7 +285,28 @@ def source_partitions(store: SQLiteStore, app: str) -> list[PartitionStatus]:
     ]
 
 
-def step_status(store: SQLiteStore, app: str, topology: str) -> list[StepStatus]:
+def retention_text(ttl: float | None, max_keys: int | None) -> str:
+    parts = []
+    if ttl is not None:
+        parts.append(f"ttl {_duration(ttl)}")
+    if max_keys is not None:
+        parts.append(f"newest {max_keys:,}")
+    return ", ".join(parts) or "-"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"
+
+
+def step_status(
+    store: SQLiteStore,
+    app: str,
+    topology: str,
+    retention: dict[str, dict[str, Any]] | None = None,
+) -> list[StepStatus]:
     """The topology's stateful steps, plus any step that still holds rows without one."""
     declared = {s[0]: (s[1], s[2]) for s in json.loads(topology)}
     with store.lock:
@@ -303,7 +325,9 @@ def step_status(store: SQLiteStore, app: str, topology: str) -> list[StepStatus]
     for name in sorted(declared.keys() | state.keys() | dedup.keys()):
         kind, topic = declared.get(name, ("?", None))
         n_dedup, oldest = dedup.get(name, (0, None))
-        out.append(StepStatus(name, kind, topic, state.get(name, 0), n_dedup, oldest))
+        kept = (retention or {}).get(name)
+        ret = retention_text(kept["ttl"], kept["max_keys"]) if kept else None
+        out.append(StepStatus(name, kind, topic, state.get(name, 0), n_dedup, oldest, ret))
     return out
 
 

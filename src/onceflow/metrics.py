@@ -1,8 +1,8 @@
 """Prometheus metrics for an App, behind the `metrics` extra.
 
-    >>> from onceflow.metrics import PrometheusHooks
-    >>> app = App("payments", hooks=[PrometheusHooks()])   # doctest: +SKIP
-    >>> prometheus_client.start_http_server(9108)          # doctest: +SKIP
+>>> from onceflow.metrics import PrometheusHooks
+>>> app = App("payments", hooks=[PrometheusHooks()])   # doctest: +SKIP
+>>> prometheus_client.start_http_server(9108)          # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ class PrometheusHooks(Hooks):
             "onceflow_recovery_seconds", "Time the last start took to recover", labels, **kw
         )
 
-    def commit_finished(self, epoch: int, records_in: int, records_out: int, seconds: float) -> None:
+    def commit_finished(
+        self, epoch: int, records_in: int, records_out: int, seconds: float
+    ) -> None:
         self.commits.labels(self._app).inc()
         self.records_in.labels(self._app).inc(records_in)
         self.records_out.labels(self._app).inc(records_out)
