@@ -179,7 +179,6 @@ class App:
         hooks = _Fanout(self.hooks)
         crash = self._crash or from_env()
         self.stats = RunStats()
-        self._stop.clear()
         restore = self._install_signals()
         try:
             owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -240,6 +239,8 @@ class App:
         finally:
             restore()
             store.close()
+            # Cleared at the end, not the start: a stop() that came before run() counts.
+            self._stop.clear()
         self.stats.seconds = time.monotonic() - t_start
         return self.stats
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 
@@ -35,8 +36,11 @@ class Child:
         cmd = [sys.executable, "-m", "onceflow._worker", target, "--store", store]
         if until_idle:
             cmd.append("--until-idle")
+        # stderr goes to a file, not a pipe: a child that logs more than a pipe buffer
+        # holds (one line per dead letter, say) would block on a pipe nobody reads.
+        self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            cmd, env=full, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            cmd, env=full, cwd=cwd, stdout=subprocess.DEVNULL, stderr=self._err
         )
 
     def kill(self) -> None:
@@ -63,10 +67,10 @@ class Child:
         return self.proc.returncode == -signal.SIGKILL
 
     def stderr(self) -> str:
-        if self.proc.stderr is None:
-            return ""
+        """What the child wrote to stderr so far."""
         try:
-            return self.proc.stderr.read().decode(errors="replace")
+            self._err.seek(0)
+            return self._err.read().decode(errors="replace")
         except ValueError:
             return ""
 

@@ -7,7 +7,9 @@ store and never on the one it uses in production.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+from typing import Any
 
 from ._errors import OnceflowError
 from ._loader import load_app
@@ -18,10 +20,23 @@ def main(argv: list[str]) -> int:
     if not argv:
         print("usage: python -m onceflow._worker MODULE:APP [--until-idle]", file=sys.stderr)
         return 2
+    # A SIGTERM during import must stop the worker cleanly too, not kill it half-way:
+    # it is remembered and handed to the App, whose run() then commits and returns.
+    current: dict[str, Any] = {"app": None, "stopped": False}
+
+    def on_term(*_: object) -> None:
+        current["stopped"] = True
+        if current["app"] is not None:
+            current["app"].stop()
+
+    signal.signal(signal.SIGTERM, on_term)
     try:
         app = load_app(argv[0])
         if "--store" in argv:
             app.store = argv[argv.index("--store") + 1]
+        current["app"] = app
+        if current["stopped"]:
+            return 0  # stopped before it started: nothing to commit
         app.run(until_idle="--until-idle" in argv[1:])
     except OnceflowError as exc:
         print(f"onceflow: {exc}", file=sys.stderr)
