@@ -38,7 +38,7 @@ class Child:
             cmd.append("--until-idle")
         # stderr goes to a file, not a pipe: a child that logs more than a pipe buffer
         # holds (one line per dead letter, say) would block on a pipe nobody reads.
-        self._err = tempfile.TemporaryFile()
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the child
         self.proc = subprocess.Popen(
             cmd, env=full, cwd=cwd, stdout=subprocess.DEVNULL, stderr=self._err
         )
