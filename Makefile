@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,metrics]'
+	$(BIN)/pip install -q -e '.[dev,metrics,kafka,postgres]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -20,8 +20,8 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench infra examples
+	$(BIN)/ruff format --check src tests bench infra examples
 	$(BIN)/mypy
 
 bench: $(STAMP)

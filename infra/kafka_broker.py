@@ -1,0 +1,916 @@
+"""A real single-node Apache Kafka 4.x broker (KRaft, loopback only) for tests, benches
+and chaos runs, with no Docker and no release tarball.
+
+The jars come from Maven Central (``infra/kafka/pom.xml``, resolved once into a cache
+by ``resolve()``) and run on the machine's Java 17+, the way the official scripts do:
+``kafka-storage.sh format`` is ``java kafka.tools.StorageTool format ...`` and
+``kafka-server-start.sh`` is ``java kafka.Kafka server.properties``.
+
+    with KafkaBroker(tmp_path / "kafka") as broker:
+        producer = Producer({"bootstrap.servers": broker.bootstrap, ...})
+        broker.kill()      # SIGKILL: a hard broker crash
+        broker.restart()   # same ports, same log dir: committed data survives
+
+Manual use: ``python infra/kafka_broker.py start --dir /tmp/kafka`` (see
+docs/kafka-broker.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import base64
+import contextlib
+import ctypes
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+import weakref
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any, NoReturn
+
+__all__ = [
+    "KAFKA_POM",
+    "KafkaBroker",
+    "KafkaBrokerError",
+    "KafkaUnavailable",
+    "cache_dir",
+    "kafka_version",
+    "resolve",
+]
+
+KAFKA_POM = Path(__file__).resolve().parent / "kafka" / "pom.xml"
+
+ENABLE_HINT = (
+    "Kafka tests need Java 17+ and Maven to run the official broker from Maven Central "
+    "(Debian/Ubuntu: `apt-get install openjdk-17-jre-headless maven`; or point JAVA_HOME "
+    "at a JDK 17+), plus the Python client (`.venv/bin/pip install confluent-kafka`)."
+)
+
+# Topic, and prefix of the transactional and group ids, used only by the transaction
+# readiness probe (see KafkaBroker._wait_transactions).
+READINESS_TOPIC = "_onceflow_readiness"
+READINESS_TXN_ID = "onceflow-readiness"
+
+_log = logging.getLogger("onceflow.infra.kafka")
+# librdkafka's own log lines from the readiness clients (critical ones only; see
+# _wait_ready).
+_client_log = logging.getLogger("onceflow.infra.kafka.client")
+
+
+class KafkaBrokerError(RuntimeError):
+    """The broker could not be resolved, formatted, started or made ready."""
+
+
+class KafkaUnavailable(KafkaBrokerError):
+    """A prerequisite (Java 17+, Maven, confluent-kafka) is missing on this machine.
+
+    The test suite turns this into a skip locally and a failure under CI
+    (ONCEFLOW_REQUIRE_INFRA=1); the message says how to enable Kafka tests.
+    """
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+def kafka_version(pom: Path = KAFKA_POM) -> str:
+    """The ``kafka.version`` property of the pom: the one place the version is set."""
+    ns = {"m": "http://maven.apache.org/POM/4.0.0"}
+    node = ET.parse(pom).getroot().find("m:properties/m:kafka.version", ns)
+    if node is None or not (node.text or "").strip():
+        raise KafkaBrokerError(f"{pom} has no <kafka.version> property")
+    return (node.text or "").strip()
+
+
+def cache_dir(pom: Path = KAFKA_POM) -> Path:
+    """Where resolved jars live: $ONCEFLOW_KAFKA_CACHE, else ~/.cache/onceflow/kafka-<v>.
+
+    The version is in the default path so that bumping the pom never reuses (or deletes)
+    another version's jars while a different checkout still uses them.
+    """
+    override = os.environ.get("ONCEFLOW_KAFKA_CACHE")
+    if override:
+        return Path(override).expanduser()
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "onceflow" / f"kafka-{kafka_version(pom)}"
+
+
+def resolve(pom: Path = KAFKA_POM, cache: Path | None = None) -> str:
+    """Copy the broker's jars from Maven into ``<cache>/lib`` once; return the classpath.
+
+    Idempotent and safe to call from concurrent processes (pytest-xdist workers, a
+    bench next to a test run): a file lock serialises the Maven run, and the marker
+    file, written last, holds a hash of the pom, so an interrupted copy or an edited pom
+    both lead to a clean re-resolve. Maven is needed only when the cache is not complete.
+    """
+    cache = cache if cache is not None else cache_dir(pom)
+    lib = cache / "lib"
+    marker = cache / "resolved.ok"
+    digest = hashlib.sha256(pom.read_bytes()).hexdigest()
+    if _marker_matches(marker, digest):
+        return _classpath(lib)
+    mvn = shutil.which("mvn")
+    if mvn is None:
+        raise KafkaUnavailable(f"`mvn` not found on PATH. {ENABLE_HINT}")
+    cache.mkdir(parents=True, exist_ok=True)
+    with _file_lock(cache / ".lock"):
+        if _marker_matches(marker, digest):  # another process finished while we waited
+            return _classpath(lib)
+        marker.unlink(missing_ok=True)
+        shutil.rmtree(lib, ignore_errors=True)  # never mix jars of two pom versions
+        cmd = [
+            mvn,
+            "-q",
+            "-B",  # batch mode: no colour codes or progress bars in captured output
+            "-f",
+            str(pom),
+            "dependency:copy-dependencies",
+            "-DincludeScope=runtime",
+            f"-DoutputDirectory={lib}",
+        ]
+        started = time.monotonic()
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        except subprocess.TimeoutExpired as exc:
+            raise KafkaBrokerError(f"Maven did not finish in {exc.timeout:.0f}s: {cmd}") from exc
+        if done.returncode != 0:
+            # Not KafkaUnavailable: a failed resolve is a real error (a bad pin, no route
+            # to Maven Central) and must not silently turn into a skip.
+            output = (done.stdout + done.stderr).strip()[-4000:]
+            raise KafkaBrokerError(
+                f"Maven could not resolve the Kafka broker ({' '.join(cmd)}), "
+                f"exit {done.returncode}:\n{output}"
+            )
+        if not any(lib.glob("kafka_2.13-*.jar")):
+            raise KafkaBrokerError(f"Maven finished but {lib} holds no kafka_2.13 jar")
+        marker.write_text(f"{digest}\n{kafka_version(pom)}\n")
+        _log.info("resolved Kafka jars into %s in %.1fs", lib, time.monotonic() - started)
+    return _classpath(lib)
+
+
+def _marker_matches(marker: Path, digest: str) -> bool:
+    try:
+        return marker.read_text().split("\n", 1)[0] == digest
+    except FileNotFoundError:
+        return False
+
+
+def _classpath(lib: Path) -> str:
+    # Explicit jars, sorted, rather than `lib/*`: the classpath is the same string on
+    # every machine and readable in `ps` output and in error messages.
+    jars = sorted(lib.glob("*.jar"))
+    if not jars:
+        raise KafkaBrokerError(f"{lib} holds no jars; delete its parent folder and retry")
+    return os.pathsep.join(str(jar) for jar in jars)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------ java
+
+
+def find_java() -> str:
+    """The ``java`` to run: $JAVA_HOME/bin/java if set, else the one on PATH."""
+    java_home = os.environ.get("JAVA_HOME")
+    if java_home and os.access(Path(java_home) / "bin" / "java", os.X_OK):
+        java = str(Path(java_home) / "bin" / "java")
+    else:
+        found = shutil.which("java")
+        if found is None:
+            raise KafkaUnavailable(f"`java` not found on PATH. {ENABLE_HINT}")
+        java = found
+    _check_java_version(java)
+    return java
+
+
+@functools.cache
+def _check_java_version(java: str) -> None:
+    # Kafka 4 brokers need Java 17; an older JVM fails with UnsupportedClassVersionError
+    # deep in a log, so say it up front.
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
+    except OSError as exc:
+        raise KafkaUnavailable(f"cannot run {java}: {exc}. {ENABLE_HINT}") from exc
+    match = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if match is None:
+        raise KafkaUnavailable(f"cannot tell the version of {java}. {ENABLE_HINT}")
+    major = int(match.group(1))
+    if major == 1:  # "1.8.0_x" style
+        major = int(match.group(2) or 0)
+    if major < 17:
+        raise KafkaUnavailable(f"{java} is Java {major}; Kafka 4 needs 17+. {ENABLE_HINT}")
+
+
+def _confluent_kafka() -> Any:
+    try:
+        import confluent_kafka
+    except ImportError as exc:
+        raise KafkaUnavailable(f"the confluent-kafka package is missing. {ENABLE_HINT}") from exc
+    return confluent_kafka
+
+
+# ----------------------------------------------------------------------------- ports
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick_port(exclude: set[int]) -> int:
+    """A free loopback port *below* the kernel's ephemeral range.
+
+    Ports from bind(0) come out of the ephemeral range; after a broker is killed, any
+    outgoing connection on the machine may take that number as its local port and the
+    restart on "the same port" fails with "Address already in use". Below the range,
+    only another listener can take it.
+    """
+    low = 20000
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    high = max(low + 1000, ephemeral_low - 1)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(low, high)
+        if port not in exclude and _port_is_free(port):
+            return port
+    raise KafkaBrokerError(f"no free loopback port in {low}-{high}")
+
+
+def _new_cluster_id() -> str:
+    # Same shape as `kafka-storage.sh random-uuid` (Uuid.randomUuid: url-safe base64 of
+    # 16 random bytes, no padding, never starting with "-" so it cannot look like a
+    # flag), without paying for a JVM start.
+    while True:
+        cid = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cid.startswith("-"):
+            return cid
+
+
+# ---------------------------------------------------------------------------- broker
+
+# Brokers still running at interpreter exit are stopped, so a test run that forgets
+# one does not leave a JVM behind (die_with_parent covers the exits that skip atexit).
+_running: weakref.WeakSet[KafkaBroker] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    for broker in list(_running):
+        with contextlib.suppress(Exception):
+            broker.stop(timeout=10)
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec_fn that makes the kernel SIGKILL the JVM when its parent dies.
+
+    So a pytest or chaos harness killed with SIGKILL takes its broker with it instead of
+    leaving an orphan JVM holding ports and 512 MB. The function pointer is looked up
+    here, in the parent: the child, between fork and exec, only makes one libc call.
+    Linux only; elsewhere brokers rely on stop()/atexit.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+# Why each setting is there. Tests can override or add any of them (server_config=).
+_BASE_CONFIG: dict[str, str] = {
+    # One combined KRaft node: the broker is its own (single-voter) controller.
+    "process.roles": "broker,controller",
+    "node.id": "1",
+    "controller.listener.names": "CONTROLLER",
+    "inter.broker.listener.name": "PLAINTEXT",
+    "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
+    # A single broker cannot hold more than one replica of anything: internal topics
+    # default to replication factor 3 and would never be created.
+    "offsets.topic.replication.factor": "1",
+    "transaction.state.log.replication.factor": "1",
+    "transaction.state.log.min.isr": "1",
+    "share.coordinator.state.topic.replication.factor": "1",
+    "share.coordinator.state.topic.min.isr": "1",
+    "default.replication.factor": "1",
+    "min.insync.replicas": "1",
+    "num.partitions": "1",
+    # 50 partitions per internal topic is the default; creating and loading them is
+    # most of the first-transaction latency on a 2-core machine.
+    "offsets.topic.num.partitions": "4",
+    "transaction.state.log.num.partitions": "4",
+    # The 3 s default delays every first consumer-group join, in every test.
+    "group.initial.rebalance.delay.ms": "0",
+    # Lets chaos tests use short session timeouts, so partitions of a SIGKILLed
+    # consumer move within seconds (the broker default floor is 6 s).
+    "group.min.session.timeout.ms": "1000",
+    # Tests create every topic they use, so a typo fails instead of silently working.
+    "auto.create.topics.enable": "false",
+    # After a SIGKILL the restarted controller still holds the dead incarnation's
+    # broker session and refuses the new registration (DuplicateBrokerRegistration)
+    # until it expires: 9 s by default, retried every 2 s heartbeat, so ~11 s extra on
+    # every chaos restart. 3 s / 0.5 s cut that to ~3 s; heartbeats are in-process on
+    # loopback, so only a multi-second GC pause could fence the broker spuriously.
+    "broker.session.timeout.ms": "3000",
+    "broker.heartbeat.interval.ms": "500",
+}
+
+_LOG4J2 = """\
+# Written by infra/kafka_broker.py on every start: the whole server log in one file.
+status = warn
+appender.file.type = File
+appender.file.name = FILE
+appender.file.fileName = {path}
+appender.file.append = true
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = INFO
+rootLogger.appenderRef.file.ref = FILE
+# Per-request authorizer and state-change chatter, quiet as in Kafka's own config.
+logger.authorizer.name = kafka.authorizer.logger
+logger.authorizer.level = WARN
+logger.statechange.name = state.change.logger
+logger.statechange.level = WARN
+"""
+
+
+class KafkaBroker:
+    """A single-node KRaft Kafka broker in ``workdir``, listening on 127.0.0.1 only.
+
+    ``workdir`` holds ``server.properties``, ``log4j2.properties``, ``server.log`` (the
+    broker's log), ``console.log`` (the JVM's stdout/stderr), ``data/`` (the log dir,
+    formatted on first start) and ``broker.json`` (cluster id and ports, so restart(),
+    and a new KafkaBroker on the same workdir, come back on the same ports).
+
+    ``start()`` returns once a client can list topics and, with ``wait_transactions``
+    (default), once a transactional produce with consumer offsets has committed: the
+    transaction and group coordinators are then loaded and the first test transaction
+    does not race them.
+    """
+
+    def __init__(
+        self,
+        workdir: str | os.PathLike[str],
+        port: int | None = None,
+        *,
+        heap: str = "512m",
+        ready_timeout: float = 90.0,
+        wait_transactions: bool = True,
+        stop_timeout: float = 30.0,
+        server_config: Mapping[str, str | int] | None = None,
+        die_with_parent: bool = True,
+    ) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.data_dir = self.workdir / "data"
+        self.config_path = self.workdir / "server.properties"
+        self.log4j_path = self.workdir / "log4j2.properties"
+        self.server_log = self.workdir / "server.log"
+        self.console_log = self.workdir / "console.log"
+        self._state_path = self.workdir / "broker.json"
+        self.heap = heap
+        self.ready_timeout = ready_timeout
+        self.wait_transactions = wait_transactions
+        self.stop_timeout = stop_timeout
+        self.server_config = {k: str(v) for k, v in (server_config or {}).items()}
+        self.die_with_parent = die_with_parent
+        #: Seconds spent in each phase of the last start(): checks (java, client),
+        #: resolve, format (first start only), boot (JVM launch to metadata served),
+        #: transactions (the readiness transaction), total.
+        self.timings: dict[str, float] = {}
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._console: IO[bytes] | None = None
+        self._launched_at = 0.0
+        self._lock = threading.Lock()
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        state = self._load_state()
+        self.cluster_id: str = state.get("cluster_id") or _new_cluster_id()
+        # The controller port is written into the log dir at format time (the voter's
+        # endpoint in the bootstrap checkpoint), so once chosen it never changes.
+        stored_port = state.get("port")
+        self.port: int = port or stored_port or _pick_port(set())
+        self.controller_port: int = state.get("controller_port") or _pick_port({self.port})
+        if self.controller_port == self.port:
+            raise KafkaBrokerError(f"port {port} is this workdir's controller port")
+        self._save_state()
+
+    # -------------------------------------------------------------- public surface
+
+    @property
+    def bootstrap(self) -> str:
+        """``bootstrap.servers`` for clients: ``127.0.0.1:PORT``."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def is_running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> KafkaBroker:
+        """Format the log dir if new, launch the JVM and wait until it is ready.
+
+        On any failure the JVM is killed and KafkaBrokerError carries the log tail;
+        KafkaUnavailable means a prerequisite is missing (see ENABLE_HINT).
+        """
+        with self._lock:
+            if self.is_running():
+                raise KafkaBrokerError(f"broker in {self.workdir} is already running")
+            if self._proc is not None:
+                self._reap()  # it died on its own, or someone SIGKILLed self.pid directly
+            t0 = time.monotonic()
+            self.timings = {}
+            java = find_java()
+            _confluent_kafka()  # fail as unavailable now, not after a JVM start
+            t = time.monotonic()
+            self.timings["checks"] = t - t0
+            classpath = resolve()
+            self.timings["resolve"] = time.monotonic() - t
+            self._write_config()
+            if not (self.data_dir / "meta.properties").exists():
+                t = time.monotonic()
+                self._format(java, classpath)
+                self.timings["format"] = time.monotonic() - t
+            self._launch(java, classpath)
+            try:
+                self._wait_ready(t0 + self.ready_timeout)
+            except BaseException:
+                self._hard_stop()
+                raise
+            self.timings["total"] = time.monotonic() - t0
+            _running.add(self)
+            _log.info("Kafka broker ready at %s (%s)", self.bootstrap, self.timings)
+            return self
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Controlled shutdown: SIGTERM, then SIGKILL after ``timeout`` seconds.
+
+        Returns the JVM's exit status (None if it was not running).
+        """
+        with self._lock:
+            proc = self._proc
+            if proc is None:
+                return None
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(self.stop_timeout if timeout is None else timeout)
+                except subprocess.TimeoutExpired:
+                    _log.warning("broker %s ignored SIGTERM; killing it", self.bootstrap)
+                    proc.kill()
+                    proc.wait()
+            return self._reap()
+
+    def kill(self) -> int | None:
+        """SIGKILL the JVM: a hard broker crash (no controlled shutdown, no flush).
+
+        What is in the OS page cache survives, as after a real process crash; this does
+        not simulate a power loss. Returns the exit status (-9), or None if no JVM.
+        Safe to call from another thread while start() is waiting for readiness (a
+        chaos thread): that start() then fails promptly with KafkaBrokerError.
+        """
+        proc = self._proc
+        if proc is None:
+            return None
+        proc.kill()
+        code = proc.wait()
+        # Without blocking: a start() or stop() running in another thread holds the
+        # lock, notices the dead JVM and cleans up itself.
+        if self._lock.acquire(blocking=False):
+            try:
+                if self._proc is proc:
+                    self._reap()
+            finally:
+                self._lock.release()
+        return code
+
+    def restart(self) -> KafkaBroker:
+        """Start again on the same ports and log dir (stopping first if still running)."""
+        if self.is_running():
+            self.stop()
+        return self.start()
+
+    def log_tail(self, n: int = 50) -> str:
+        """The last ``n`` lines of server.log (console.log if the server log is empty)."""
+        text = _tail(self.server_log, n)
+        return text if text.strip() else _tail(self.console_log, n)
+
+    def __enter__(self) -> KafkaBroker:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_running() else "stopped"
+        return f"KafkaBroker({str(self.workdir)!r}, bootstrap={self.bootstrap!r}, {state})"
+
+    # -------------------------------------------------------------------- internals
+
+    def _load_state(self) -> dict[str, Any]:
+        try:
+            loaded = json.loads(self._state_path.read_text())
+        except FileNotFoundError:
+            return {}
+        return loaded if isinstance(loaded, dict) else {}
+
+    def _save_state(self) -> None:
+        state = {
+            "cluster_id": self.cluster_id,
+            "port": self.port,
+            "controller_port": self.controller_port,
+            "kafka_version": kafka_version(),
+        }
+        self._state_path.write_text(json.dumps(state, indent=2) + "\n")
+
+    def _write_config(self) -> None:
+        # Rewritten on every start, so a changed server_config or a moved workdir
+        # applies on restart; only the controller port must stay as formatted.
+        listeners = {
+            "listeners": (
+                f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+            ),
+            "advertised.listeners": (
+                f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+            ),
+            # KIP-853 dynamic quorum, as in Kafka 4's config/server.properties: with
+            # `format --standalone`, controller.quorum.voters must NOT be set.
+            "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
+            "log.dirs": str(self.data_dir),
+        }
+        config = {**_BASE_CONFIG, **listeners, **self.server_config}
+        lines = ["# Written by infra/kafka_broker.py on every start; edits are lost."]
+        lines += [f"{key}={value}" for key, value in config.items()]
+        self.config_path.write_text("\n".join(lines) + "\n")
+        self.log4j_path.write_text(_LOG4J2.format(path=self.server_log))
+
+    def _jvm_base(self, java: str, heap: str) -> list[str]:
+        return [
+            java,
+            f"-Xmx{heap}",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.log4j_path}",
+            # kafka-run-class.sh sets it; some of Kafka's own code reads it.
+            f"-Dkafka.logs.dir={self.workdir}",
+        ]
+
+    def _format(self, java: str, classpath: str) -> None:
+        # kafka-storage.sh format -t <id> -c server.properties --standalone: writes
+        # meta.properties and a bootstrap checkpoint making node 1 the only voter.
+        cmd = [
+            *self._jvm_base(java, "256m"),
+            "-cp",
+            classpath,
+            "kafka.tools.StorageTool",
+            "format",
+            "--cluster-id",
+            self.cluster_id,
+            "--config",
+            str(self.config_path),
+            "--standalone",
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise KafkaBrokerError(
+                f"kafka.tools.StorageTool format failed (exit {done.returncode}):\n"
+                f"{(done.stdout + done.stderr).strip()[-4000:]}"
+            )
+        # Its stdout ends with "Formatting dynamic metadata voter directory ... with
+        # metadata.version X"; the lines before dump the bootstrap feature records.
+        _log.info("%s", done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
+
+    def _launch(self, java: str, classpath: str) -> None:
+        cmd = [
+            *self._jvm_base(java, self.heap),
+            f"-Xms{min(128, _megabytes(self.heap))}m",
+            # kafka-run-class.sh's KAFKA_JVM_PERFORMANCE_OPTS.
+            "-server",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=20",
+            "-XX:InitiatingHeapOccupancyPercent=35",
+            "-XX:+ExplicitGCInvokesConcurrent",
+            # A broker out of heap must die and be seen dead, not limp on.
+            "-XX:+ExitOnOutOfMemoryError",
+            "-cp",
+            classpath,
+            "kafka.Kafka",
+            str(self.config_path),
+        ]
+        self._console = self.console_log.open("ab")
+        banner = f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} onceflow: starting {cmd[-2:]}\n"
+        self._console.write(banner.encode())
+        self._console.flush()
+        try:
+            self._proc = subprocess.Popen(
+                cmd,
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=self._console,
+                stderr=subprocess.STDOUT,
+                # Own session: a Ctrl-C in the terminal reaches us, not the JVM, and stop()
+                # decides how the broker goes down.
+                start_new_session=True,
+                preexec_fn=_pdeathsig_preexec() if self.die_with_parent else None,
+            )
+        except OSError as exc:
+            self._reap()
+            raise KafkaBrokerError(f"cannot run {java}: {exc}") from exc
+        self._launched_at = time.monotonic()
+
+    def _wait_ready(self, deadline: float) -> None:
+        ck = _confluent_kafka()
+        from confluent_kafka.admin import AdminClient
+
+        # librdkafka logs every refused connection while the JVM boots (at error level,
+        # several per second): keep only critical lines, and send them to our logger
+        # instead of the test's stderr. Failures still surface as exceptions.
+        quiet: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap,
+            "log_level": 2,
+            "logger": _client_log,
+            "error_cb": lambda err: _log.debug("readiness client: %s", err),
+        }
+        self._wait_port(deadline)
+        admin = AdminClient(quiet)
+        while True:
+            self._check_alive()
+            try:
+                metadata = admin.list_topics(
+                    timeout=max(0.1, min(5.0, deadline - time.monotonic()))
+                )
+                if metadata.brokers:
+                    break
+            except ck.KafkaException as exc:
+                last: object = exc
+            else:
+                last = "metadata lists no broker yet"
+            if time.monotonic() > deadline:
+                self._fail(f"no metadata from {self.bootstrap} ({last})")
+            time.sleep(0.2)
+        self.timings["boot"] = time.monotonic() - self._launched_at
+        if self.wait_transactions:
+            t = time.monotonic()
+            self._wait_transactions(admin, quiet, deadline)
+            self.timings["transactions"] = time.monotonic() - t
+
+    def _wait_port(self, deadline: float) -> None:
+        # A plain TCP probe first: cheaper than a client, and no librdkafka log storm.
+        while True:
+            self._check_alive()
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.settimeout(1.0)
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if time.monotonic() > deadline:
+                self._fail(f"nothing listens on {self.bootstrap}")
+            time.sleep(0.1)
+
+    def _wait_transactions(self, admin: Any, quiet: dict[str, Any], deadline: float) -> None:
+        """Commit a transaction with a record and consumer offsets on every coordinator.
+
+        Right after a first start or a crash, each partition of __transaction_state and
+        __consumer_offsets answers COORDINATOR_LOAD_IN_PROGRESS / NOT_COORDINATOR until
+        it is created and loaded, partition by partition. Clients retry that, but a
+        test's first transaction then takes seconds and short client timeouts fail at
+        random. So: one transactional id and one group id per coordinator partition
+        (picked by Kafka's own hash), each pair committing a record plus offsets, which
+        is everything an EOS v2 commit touches, markers included.
+        """
+        ck = _confluent_kafka()
+        # The documented import; the 2.x stubs re-export it without marking it public.
+        from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+
+        futures = admin.create_topics([NewTopic(READINESS_TOPIC, 1, 1)], operation_timeout=30)
+        for future in futures.values():
+            try:
+                future.result()
+            except ck.KafkaException as exc:
+                if exc.args[0].code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                    self._fail(f"cannot create {READINESS_TOPIC}: {exc}")
+        txn_ids = _one_id_per_partition(READINESS_TXN_ID, self._partitions_of("transaction"))
+        group_ids = _one_id_per_partition(READINESS_TXN_ID, self._partitions_of("offsets"))
+        for i in range(max(len(txn_ids), len(group_ids))):
+            self._probe_transaction(
+                txn_ids[i % len(txn_ids)], group_ids[i % len(group_ids)], quiet, deadline
+            )
+
+    def _probe_transaction(
+        self, txn_id: str, group_id: str, quiet: dict[str, Any], deadline: float
+    ) -> None:
+        ck = _confluent_kafka()
+        last: object = None
+        while time.monotonic() < deadline:
+            self._check_alive()
+            # Bounded per attempt, so a JVM that dies meanwhile is noticed within
+            # seconds rather than at the overall deadline; librdkafka retries
+            # COORDINATOR_LOAD_IN_PROGRESS inside each attempt.
+            remaining = max(1.0, min(5.0, deadline - time.monotonic()))
+            producer = ck.Producer({**quiet, "transactional.id": txn_id})
+            consumer = ck.Consumer({**quiet, "group.id": group_id})
+            try:
+                producer.init_transactions(remaining)
+                producer.begin_transaction()
+                producer.produce(READINESS_TOPIC, b"ready")
+                offsets = [ck.TopicPartition(READINESS_TOPIC, 0, 0)]
+                group = consumer.consumer_group_metadata()
+                producer.send_offsets_to_transaction(offsets, group, remaining)
+                producer.commit_transaction(remaining)
+                return
+            except ck.KafkaException as exc:
+                last = exc  # a fresh producer next round fences this one's transaction
+            finally:
+                consumer.close()
+            time.sleep(0.5)
+        self._fail(f"transactions not ready for {txn_id}/{group_id} ({last})")
+
+    def _partitions_of(self, internal_topic: str) -> int:
+        key = {
+            "transaction": "transaction.state.log.num.partitions",
+            "offsets": "offsets.topic.num.partitions",
+        }[internal_topic]
+        # Kafka's defaults (50) if a caller removed ours; the probe stays correct.
+        return int(self.server_config.get(key, _BASE_CONFIG.get(key, "50")))
+
+    def _check_alive(self) -> None:
+        if self._proc is None or self._proc.poll() is not None:
+            code = None if self._proc is None else self._proc.returncode
+            self._fail(f"the broker JVM exited during startup (exit {code})")
+
+    def _fail(self, why: str) -> NoReturn:
+        console = _tail(self.console_log, 20).strip()
+        raise KafkaBrokerError(
+            f"Kafka broker in {self.workdir} did not become ready "
+            f"(ready_timeout={self.ready_timeout:.0f}s): {why}\n"
+            f"--- {self.server_log} (tail) ---\n{_tail(self.server_log, 40)}"
+            + (f"\n--- {self.console_log} (tail) ---\n{console}" if console else "")
+        )
+
+    def _hard_stop(self) -> int | None:
+        proc = self._proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        return self._reap()
+
+    def _reap(self) -> int | None:
+        code = self._proc.returncode if self._proc is not None else None
+        self._proc = None
+        if self._console is not None:
+            self._console.close()
+            self._console = None
+        _running.discard(self)
+        return code
+
+
+def _java_string_hash(text: str) -> int:
+    """Java's String.hashCode (32-bit signed), for ids made of BMP characters."""
+    h = 0
+    for char in text:
+        h = (31 * h + ord(char)) & 0xFFFFFFFF
+    return h - (1 << 32) if h >= 1 << 31 else h
+
+
+def _one_id_per_partition(prefix: str, partitions: int) -> list[str]:
+    """Ids ``prefix-N``, one landing on each coordinator partition.
+
+    Kafka maps a transactional id or a group id to its coordinator partition with
+    ``Utils.abs(id.hashCode()) % partitions`` (Utils.abs maps MIN_VALUE to 0).
+    """
+    found: dict[int, str] = {}
+    n = 0
+    while len(found) < partitions:
+        name = f"{prefix}-{n}"
+        h = _java_string_hash(name)
+        found.setdefault((0 if h == -(1 << 31) else abs(h)) % partitions, name)
+        n += 1
+    return [found[p] for p in range(partitions)]
+
+
+def _megabytes(size: str) -> int:
+    match = re.fullmatch(r"(\d+)([kKmMgG]?)", size)
+    if match is None:
+        raise KafkaBrokerError(f"bad heap size {size!r}; use e.g. 512m or 1g")
+    unit = {"": 1 / (1 << 20), "k": 1 / 1024, "m": 1, "g": 1024}[match.group(2).lower()]
+    return max(1, int(int(match.group(1)) * unit))
+
+
+def _tail(path: Path, n: int) -> str:
+    """The last n lines of a file, read from its end (server logs grow large)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            block = 8192
+            data = b""
+            while size > 0 and data.count(b"\n") <= n:
+                step = min(block, size)
+                size -= step
+                handle.seek(size)
+                data = handle.read(step) + data
+    except FileNotFoundError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-n:])
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python infra/kafka_broker.py",
+        description="Run onceflow's single-node Kafka broker by hand.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start", help="run a broker in the foreground until Ctrl-C")
+    start.add_argument("--dir", required=True, type=Path, help="work dir (kept across runs)")
+    start.add_argument("--port", type=int, help="client port (default: kept from --dir)")
+    start.add_argument("--heap", default="512m", help="JVM max heap (default 512m)")
+    start.add_argument(
+        "--no-wait-transactions",
+        action="store_true",
+        help="return as soon as metadata works, without the transaction probe",
+    )
+    commands.add_parser("resolve", help="resolve the jars (once) and print the classpath")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    try:
+        if args.command == "resolve":
+            print(resolve())
+            return 0
+        broker = KafkaBroker(
+            args.dir,
+            args.port,
+            heap=args.heap,
+            wait_transactions=not args.no_wait_transactions,
+        )
+        # SIGTERM (e.g. from a bench script) stops the broker the same way as Ctrl-C.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # Also when started in the background by a non-interactive shell, which starts
+        # its jobs with SIGINT ignored.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        with broker:
+            print(f"bootstrap.servers={broker.bootstrap}", flush=True)
+            print(f"server log: {broker.server_log}  (Ctrl-C to stop)", flush=True)
+            try:
+                while broker.is_running():
+                    time.sleep(0.5)
+            except KeyboardInterrupt:
+                print("stopping...", flush=True)
+                return 0
+            print(f"broker exited unexpectedly:\n{broker.log_tail(40)}", file=sys.stderr)
+            return 1
+    except KafkaBrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The Kafka test broker itself: a real KRaft broker whose transactions work and whose
+committed data survives a SIGKILL. Everything the Kafka backend's tests build on.
+
+confluent_kafka is imported inside the tests, after the broker started: when it is
+missing, start() raises KafkaUnavailable and the test skips (fails under CI) with the
+hint, instead of the whole module failing to import.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from infra.kafka_broker import KafkaBroker, KafkaUnavailable, resolve
+
+TOPIC = "events"
+TXN_ID = "test-broker-txn"
+# Route librdkafka's logs (connection refused while the broker is down, ...) through
+# logging, where pytest captures them, instead of raw writes to fd 2.
+CLIENT_LOG = logging.getLogger("tests.kafka.client")
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
+    broker = KafkaBroker(tmp_path / "kafka")
+    started = time.monotonic()
+    try:
+        broker.start()
+    except KafkaUnavailable as exc:
+        pytest.skip(str(exc))
+    print(f"\nKafka start: {time.monotonic() - started:.1f}s {_rounded(broker.timings)}")
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+def _rounded(timings: dict[str, float]) -> dict[str, float]:
+    return {phase: round(seconds, 2) for phase, seconds in timings.items()}
+
+
+def _client_config(broker: KafkaBroker, **extra: Any) -> dict[str, Any]:
+    return {"bootstrap.servers": broker.bootstrap, "logger": CLIENT_LOG, **extra}
+
+
+def _create_topic(broker: KafkaBroker, name: str, partitions: int) -> None:
+    # The documented import; the 2.x stubs re-export NewTopic without marking it public.
+    from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+    admin = AdminClient(_client_config(broker))
+    for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
+        future.result(timeout=30)
+
+
+def _produce_transaction(
+    broker: KafkaBroker, values: list[bytes], *, commit: bool, producer: Any = None
+) -> Any:
+    """Produce ``values`` in one transaction, flushed to the broker, then commit or abort.
+
+    The flush before an abort matters: abort_transaction purges records still queued in
+    the client, so without it the "aborted" records might never reach the log and the
+    read_committed check would prove nothing.
+    """
+    from confluent_kafka import Producer
+
+    if producer is None:
+        producer = Producer(_client_config(broker, **{"transactional.id": TXN_ID}))
+        producer.init_transactions(30)
+    producer.begin_transaction()
+    for i, value in enumerate(values):
+        producer.produce(TOPIC, value, key=str(i).encode())
+    assert producer.flush(30) == 0
+    if commit:
+        producer.commit_transaction(30)
+    else:
+        producer.abort_transaction(30)
+    return producer
+
+
+def _read_all(broker: KafkaBroker, isolation: str) -> list[bytes]:
+    """Every record of TOPIC visible at ``isolation``, read to the end of each partition.
+
+    Ends on the partition-EOF events, which librdkafka raises at the high watermark
+    (read_uncommitted) or the last stable offset (read_committed), so the result is
+    complete, not "whatever arrived within a timeout".
+    """
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+
+    consumer = Consumer(
+        _client_config(
+            broker,
+            **{
+                "group.id": f"reader-{uuid.uuid4()}",
+                "isolation.level": isolation,
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            },
+        )
+    )
+    try:
+        partitions = consumer.list_topics(TOPIC, timeout=30).topics[TOPIC].partitions
+        consumer.assign([TopicPartition(TOPIC, p, OFFSET_BEGINNING) for p in partitions])
+        at_end: set[int] = set()
+        values: list[bytes] = []
+        deadline = time.monotonic() + 60
+        while len(at_end) < len(partitions):
+            assert time.monotonic() < deadline, f"read stuck; at end: {sorted(at_end)}"
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            error = msg.error()
+            if error is not None:
+                assert error.code() == KafkaError._PARTITION_EOF, error
+                partition = msg.partition()
+                assert partition is not None
+                at_end.add(partition)
+                continue
+            value = msg.value()
+            assert value is not None
+            values.append(value)
+        return values
+    finally:
+        consumer.close()
+
+
+@pytest.mark.kafka
+def test_transactions_survive_a_broker_crash(broker: KafkaBroker) -> None:
+    _create_topic(broker, TOPIC, partitions=2)
+    committed = [f"committed-{i}".encode() for i in range(10)]
+    aborted = [f"aborted-{i}".encode() for i in range(5)]
+    producer = _produce_transaction(broker, committed, commit=True)
+    _produce_transaction(broker, aborted, commit=False, producer=producer)
+
+    # The aborted records are really in the log; read_committed hides exactly them.
+    assert sorted(_read_all(broker, "read_uncommitted")) == sorted(committed + aborted)
+    assert sorted(_read_all(broker, "read_committed")) == sorted(committed)
+
+    # A transaction still open when the broker dies: written, flushed, never finished.
+    in_flight = [f"in-flight-{i}".encode() for i in range(4)]
+    producer.begin_transaction()
+    for value in in_flight:
+        producer.produce(TOPIC, value)
+    assert producer.flush(30) == 0
+
+    bootstrap = broker.bootstrap
+    started = time.monotonic()
+    broker.kill()
+    assert not broker.is_running()
+    broker.restart()
+    print(f"\nKafka kill+restart: {time.monotonic() - started:.1f}s {_rounded(broker.timings)}")
+    assert broker.bootstrap == bootstrap
+
+    # Committed data survived the crash; the aborted and the unfinished transactions
+    # stay invisible.
+    assert sorted(_read_all(broker, "read_committed")) == sorted(committed)
+    assert set(in_flight) <= set(_read_all(broker, "read_uncommitted"))
+
+    # A new producer with the same transactional.id fences the pre-crash one, which
+    # aborts its open transaction, and commits normally.
+    after = [f"after-restart-{i}".encode() for i in range(3)]
+    _produce_transaction(broker, after, commit=True)
+    assert sorted(_read_all(broker, "read_committed")) == sorted(committed + after)
+
+
+@pytest.mark.kafka
+def test_graceful_stop_and_restart_keep_data(broker: KafkaBroker) -> None:
+    _create_topic(broker, TOPIC, partitions=1)
+    records = [f"r{i}".encode() for i in range(3)]
+    _produce_transaction(broker, records, commit=True)
+    assert broker.stop() is not None  # the JVM's exit status after SIGTERM
+    assert not broker.is_running()
+    assert "Kafka Server started" in broker.log_tail(100_000)
+    broker.restart()
+    assert sorted(_read_all(broker, "read_committed")) == sorted(records)
+
+
+def test_missing_java_or_maven_is_reported_as_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not marked kafka: it needs neither Java nor Maven, and checks the message the
+    # suite turns into a skip (or, under CI, a failure).
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delenv("JAVA_HOME", raising=False)
+    monkeypatch.setenv("ONCEFLOW_KAFKA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(KafkaUnavailable, match="openjdk-17-jre-headless maven"):
+        KafkaBroker(tmp_path / "kafka").start()
+    with pytest.raises(KafkaUnavailable, match="`mvn` not found"):
+        resolve()
