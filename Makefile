@@ -28,5 +28,8 @@ bench: $(STAMP)
 	bash bench/make_bytewax_venv.sh
 	$(BIN)/python bench/bench_embedded.py
 
+bench-quick: $(STAMP)
+	$(BIN)/python bench/bench_embedded.py --quick --no-bytewax
+
 clean:
 	rm -rf $(VENV) .venv-bytewax demo-data

@@ -171,6 +171,22 @@ class EmbeddedSession:
             total += got
         return list(by_topic.values())
 
+    def wait_for_data(self, timeout: float, stop: Any) -> None:
+        """Sleep until another connection commits (new input, probably) or `timeout`.
+
+        `PRAGMA data_version` changes when any other connection commits, and costs far
+        less than a poll, so an idle App notices new records within a millisecond.
+        """
+        deadline = time.monotonic() + timeout
+        with self.store.lock:
+            (start,) = self.conn.execute("PRAGMA data_version").fetchone()
+        while time.monotonic() < deadline and not stop.is_set():
+            time.sleep(0.001)
+            with self.store.lock:
+                (now,) = self.conn.execute("PRAGMA data_version").fetchone()
+            if now != start:
+                return
+
     def partitions_of(self, topic: str) -> int:
         found = self.store.topic(topic)
         if found is None:

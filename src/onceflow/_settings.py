@@ -9,7 +9,8 @@ from ._errors import ConfigError
 
 ENV_HELP = {
     "ONCEFLOW_STORE": "store of Apps, producers and the CLI (default: onceflow.db)",
-    "ONCEFLOW_COMMIT_INTERVAL": "seconds between commits (default: 0.1)",
+    "ONCEFLOW_COMMIT_INTERVAL": "most seconds between commits while records flow; an App "
+    "that has caught up commits at once (default: 0.1)",
     "ONCEFLOW_COMMIT_EVERY": "commit after this many input records at most (default: 20000)",
     "ONCEFLOW_MAX_BATCH": "records per poll (default: 5000)",
     "ONCEFLOW_PARTITIONS": "partitions of topics an App creates (default: 1)",
