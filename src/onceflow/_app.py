@@ -20,6 +20,7 @@ from ._dataflow import STATEFUL, Step, Stream, signature, validate
 from ._embedded import EmbeddedSession
 from ._errors import CommitError, ConfigError, SinkGuaranteeError
 from ._hooks import Hooks, _Fanout
+from ._kafka_common import KafkaURL, is_kafka
 from ._runtime import DedupStep, Executor
 from ._serde import Encoding, decoder_for
 from ._settings import Settings
@@ -75,6 +76,8 @@ class App:
         hooks: Sequence[Hooks] = (),
         state_cache_keys: int = 200_000,
         gc_tuning: bool = True,
+        worker: int | None = None,
+        state_dir: str | None = None,
     ) -> None:
         settings = Settings.from_env()
         validate_topic_name(name)
@@ -103,6 +106,8 @@ class App:
         self.hooks = list(hooks)
         self.state_cache_keys = state_cache_keys
         self.gc_tuning = gc_tuning
+        self.worker = worker
+        self.state_dir = state_dir
         self._sources: list[Step] = []
         self._steps: list[Step] = []
         self._ids = 0
@@ -157,6 +162,12 @@ class App:
         if not self._sources:
             raise ConfigError(f"app '{self.name}' has no source; call app.source('topic')")
         validate(self._sources)
+        if is_kafka(self.store) and self._sinks():
+            names = ", ".join(self._sinks())
+            raise ConfigError(
+                f"sinks {names} write to the embedded store and cannot run on Kafka; "
+                "operator action: write to a topic with to(), or run on a SQLite store"
+            )
         if self.guarantee == "exactly-once":
             for sink in self._sinks().values():
                 if sink.guarantee == "at-least-once":
@@ -178,15 +189,14 @@ class App:
         is drained and committed. Returns what the committed epochs did."""
         self.build()
         t_start = time.monotonic()
-        store = SQLiteStore(store_path(self.store))
         hooks = _Fanout(self.hooks)
         crash = self._crash or from_env()
         self.stats = RunStats()
         restore = self._install_signals()
         gc_restore = self._tune_gc()
+        session: Any = None
         try:
-            owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-            session = EmbeddedSession(store, self.name, owner)
+            session = self._open_session()
             session.ensure_topics(self._topics())
             session.check_topology(
                 signature(self._sources),
@@ -209,11 +219,12 @@ class App:
                 if s.kind == "dedupe"
             }
             sinks = self._sinks()
-            with store.lock:
-                for sink in sinks.values():
-                    if hasattr(sink, "_crash"):
-                        sink._crash = crash
-                    sink.open(self.name, store.conn)
+            if sinks:
+                with session.store.lock:
+                    for sink in sinks.values():
+                        if hasattr(sink, "_crash"):
+                            sink._crash = crash
+                        sink.open(self.name, session.store.conn)
             executor = Executor(
                 app_name=self.name,
                 dead_letter_topic=self.dead_letter_topic,
@@ -222,6 +233,7 @@ class App:
                 dedups=dedups,
                 load_dedup=session.load_dedup,
                 partitions_of=session.partitions_of,
+                partition_for=session.partition_for,
                 hooks=hooks,
             )
             cp = Checkpoint(
@@ -235,6 +247,7 @@ class App:
                 exactly_once=self.guarantee == "exactly-once",
             )
             cp.committed_positions = dict(positions)
+            self._wire_rebalances(session, cp, executor)
             hooks.recovered(time.monotonic() - t_start, dict(positions))
             roots = {s.options["topic"]: s for s in self._sources}
             self._loop(session, executor, cp, roots, positions, crash, until_idle, timeout)
@@ -243,11 +256,67 @@ class App:
         finally:
             gc_restore()
             restore()
-            store.close()
+            if session is not None:
+                session.close()
             # Cleared at the end, not the start: a stop() that came before run() counts.
             self._stop.clear()
         self.stats.seconds = time.monotonic() - t_start
         return self.stats
+
+    def _open_session(self) -> Any:
+        """The backend named by the store: a kafka:// URL, or else a SQLite file."""
+        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        if is_kafka(self.store):
+            from ._kafka import KafkaSession
+
+            settings = Settings.from_env()
+            worker = self.worker if self.worker is not None else settings.worker
+            state_dir = self.state_dir or settings.state_dir
+            return KafkaSession(
+                KafkaURL.parse(self.store),
+                self.name,
+                worker=worker,
+                state_dir=os.path.join(state_dir, self.name, f"worker-{worker}"),
+                commit_interval=self.commit_interval,
+                step_topics=self._step_topics(),
+                topic_partitions=self.partitions,
+            )
+        return EmbeddedSession(SQLiteStore(store_path(self.store)), self.name, owner)
+
+    def _step_topics(self) -> dict[str, str]:
+        """The input topic of each stateful step: its state is partitioned like it."""
+        out = {}
+        for src in self._sources:
+            stack = list(src.children)
+            while stack:
+                step = stack.pop()
+                if step.kind in STATEFUL:
+                    out[step.name] = src.options["topic"]
+                stack.extend(step.children)
+        return out
+
+    def _wire_rebalances(self, session: Any, cp: Checkpoint, executor: Executor) -> None:
+        """Kafka moves partitions between workers: commit what is in flight before giving
+        partitions away, start from the store after getting new ones, and drop an epoch
+        whose partitions were lost (it could not commit anyway)."""
+        if not hasattr(session, "before_revoke"):
+            return
+
+        def before_revoke() -> None:
+            try:
+                self._commit(cp, executor.epoch)
+            except CommitError as exc:
+                log.error("commit before a rebalance failed: %s", exc)
+
+        def changed() -> None:
+            for st in cp.states.values():
+                st.reset()
+            for d in cp.dedups.values():
+                d.reset()
+
+        session.before_revoke = before_revoke
+        session.assignment_changed = changed
+        session.partitions_lost = cp.abort
 
     def _config(self) -> dict[str, Any]:
         """What `onceflow status` shows of this App beside its steps."""
@@ -311,13 +380,13 @@ class App:
                     failures += 1
                     log.error("%s (attempt %d of %d)", exc, failures, _MAX_FAILED_COMMITS)
                     positions.clear()
-                    positions.update(session.committed_positions())
+                    positions.update(session.rewind())
                     if failures >= _MAX_FAILED_COMMITS:
                         raise
                     time.sleep(0.05 * failures)
                 last_commit = time.monotonic()
             elif not batches:
-                if until_idle:
+                if until_idle and session.idle():
                     break
                 session.wait_for_data(min(0.05, self.commit_interval), self._stop)
         self._commit(cp, executor.epoch)

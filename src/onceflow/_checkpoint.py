@@ -32,7 +32,6 @@ from collections.abc import Callable
 from typing import Any
 
 from ._crash import SimulatedCrash
-from ._embedded import EmbeddedSession
 from ._errors import CommitError, FencedError
 from ._runtime import DedupStep, Epoch, Executor
 from ._sinks import Sink
@@ -47,7 +46,7 @@ class Checkpoint:
     def __init__(
         self,
         *,
-        session: EmbeddedSession,
+        session: Any,
         executor: Executor,
         states: dict[str, StepState],
         dedups: dict[str, DedupStep],
@@ -153,10 +152,11 @@ class Checkpoint:
             for pk, (seen, _) in d.new.items():
                 d.seen[pk] = (seen, outcomes.get(name, {}).get(pk))
             d.new.clear()
+        s.after_commit()
         for st in self.states.values():
             st.committed()
         for name, rows in ep.sink_rows.items():
-            self.sinks[name].after_commit(s.conn, rows)
+            self.sinks[name].after_commit(s.store.conn, rows)
         n_out = ep.records_out - ep.dead_letters
         self.executor.epoch = Epoch()
         self.hooks.commit_finished(epoch_no, ep.records_in, n_out, time.monotonic() - t0)

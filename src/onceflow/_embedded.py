@@ -17,7 +17,7 @@ import msgspec
 from ._errors import FencedError, StoreError, TopologyError
 from ._records import Columns
 from ._runtime import Batch
-from ._sqlite import SQLiteStore
+from ._sqlite import SQLiteStore, partition_for
 
 PartKey = tuple[int, str]
 
@@ -339,6 +339,23 @@ class EmbeddedSession:
                 conn.execute("ROLLBACK")
         finally:
             self.store.lock.release()
+
+    def after_commit(self) -> None:
+        """Nothing to catch up: the store itself is the state."""
+
+    def rewind(self) -> dict[tuple[str, int], int]:
+        self._leftover.clear()
+        return self.committed_positions()
+
+    def idle(self) -> bool:
+        """An empty poll of the log means every source is drained."""
+        return True
+
+    def close(self) -> None:
+        self.store.close()
+
+    def partition_for(self, key: str | None, partitions: int, fallback: int) -> int:
+        return partition_for(key, partitions, fallback)
 
     def outcome_of(self, positions: dict[tuple[str, int], int]) -> bool:
         """After a COMMIT that raised: did it land? The committed offsets tell."""

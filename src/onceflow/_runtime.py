@@ -96,8 +96,10 @@ class Executor:
         load_dedup: Callable[[str, list[tuple[int, str]]], dict[tuple[int, str], Any]],
         partitions_of: Callable[[str], int],
         hooks: Any,
+        partition_for: Callable[[str | None, int, int], int] = partition_for,
     ) -> None:
         self.partitions_of = partitions_of
+        self.partition_for = partition_for
         self.app_name = app_name
         self.dlq = dead_letter_topic
         self.on_error = on_error
@@ -241,7 +243,7 @@ class Executor:
     ) -> None:
         """One output to the epoch buffer. A keyless output follows its input's partition,
         so that a replay after a crash writes it to the same partition again."""
-        part = partition_for(key, self.partitions_of(topic), src_part)
+        part = self.partition_for(key, self.partitions_of(topic), src_part)
         cols = self.epoch.outputs.get((topic, part))
         if cols is None:
             cols = self.epoch.outputs[(topic, part)] = Columns()

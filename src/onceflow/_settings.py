@@ -14,6 +14,8 @@ ENV_HELP = {
     "ONCEFLOW_COMMIT_EVERY": "commit after this many input records at most (default: 20000)",
     "ONCEFLOW_MAX_BATCH": "records per poll (default: 5000)",
     "ONCEFLOW_PARTITIONS": "partitions of topics an App creates (default: 1)",
+    "ONCEFLOW_WORKER": "Kafka: this worker's slot, its stable transactional id (default: 0)",
+    "ONCEFLOW_STATE_DIR": "Kafka: where local state stores live (default: .onceflow-state)",
     "ONCEFLOW_CRASH_AT": "test only: SIGKILL self at a protocol step, e.g. before_commit:3",
 }
 
@@ -25,6 +27,8 @@ class Settings:
     commit_every: int = 20_000
     max_batch: int = 5_000
     partitions: int = 1
+    worker: int = 0
+    state_dir: str = ".onceflow-state"
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Settings:

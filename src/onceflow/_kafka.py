@@ -1,0 +1,683 @@
+"""The Kafka backend: the same commit protocol on Kafka transactions (EOS v2).
+
+One transactional producer per worker, with a stable transactional id per worker slot
+(`App(worker=N)` or ONCEFLOW_WORKER), so a restarted worker fences its predecessor and
+aborts its open transaction at once. Input offsets go into the transaction with the
+consumer group metadata, so a worker that lost its partitions in a rebalance cannot
+commit them either. Keyed state and dedup ids live in a local SQLite file per input
+partition, plus a compacted changelog topic written in the same transaction; the local
+file records the changelog offset it holds, so after a crash only the tail is replayed,
+and a partition that moves to another worker is rebuilt from the changelog.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgspec
+
+from ._errors import ConfigError, StoreError, TopologyError
+from ._kafka_common import (
+    KafkaURL,
+    decode_headers,
+    encode_headers,
+    kafka_module,
+    kafka_partition,
+)
+from ._records import Columns
+from ._runtime import Batch
+
+log = logging.getLogger("onceflow")
+
+PartKey = tuple[int, str]
+_STATE, _DEDUP = b"s", b"d"
+_msgpack_enc = msgspec.msgpack.Encoder()
+_msgpack_dec = msgspec.msgpack.Decoder()
+
+# Admin and transaction calls wait this long for the broker; past it the outcome is
+# unknown and the producer is recreated (which fences the old one) rather than retried.
+TXN_TIMEOUT_S = 30.0
+
+
+def transaction_timeout_ms(commit_interval: float) -> int:
+    """The broker aborts a transaction open longer than this. A crashed worker's open
+    transaction is aborted sooner, when its slot restarts; this bounds how long readers
+    wait when a worker dies for good. 20 commit intervals, at least 10 s, at most 15 min."""
+    return int(min(900_000, max(10_000, commit_interval * 20_000)))
+
+
+class LocalStore:
+    """The state and dedup ids of one input partition, on disk, and the changelog offset
+    up to which they are current."""
+
+    def __init__(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        for stmt in (
+            "CREATE TABLE IF NOT EXISTS state(step TEXT, key TEXT, value BLOB, "
+            "PRIMARY KEY(step, key)) WITHOUT ROWID",
+            "CREATE TABLE IF NOT EXISTS dedup(step TEXT, id TEXT, seen REAL, outcome BLOB, "
+            "PRIMARY KEY(step, id)) WITHOUT ROWID",
+            "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER)",
+        ):
+            self.conn.execute(stmt)
+
+    @property
+    def next_offset(self) -> int:
+        row = self.conn.execute("SELECT v FROM meta WHERE k='changelog_next'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def wipe(self) -> None:
+        self.conn.execute("BEGIN")
+        for table in ("state", "dedup", "meta"):
+            self.conn.execute(f"DELETE FROM {table}")
+        self.conn.execute("COMMIT")
+
+    def load(self, table: str, step: str, keys: list[str]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        col = "key" if table == "state" else "id"
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            if table == "state":
+                for key, value in self.conn.execute(
+                    f"SELECT key, value FROM state WHERE step=? AND key IN ({marks})",
+                    (step, *chunk),
+                ):
+                    out[key] = _msgpack_dec.decode(value)
+            else:
+                for bid, seen, outcome in self.conn.execute(
+                    f"SELECT {col}, seen, outcome FROM dedup WHERE step=? AND id IN ({marks})",
+                    (step, *chunk),
+                ):
+                    out[bid] = (seen, outcome)
+        return out
+
+    def apply(self, records: Iterable[tuple[bytes, bytes | None]], next_offset: int) -> int:
+        """Apply changelog records (key, value or None) and record the offset reached."""
+        n = 0
+        self.conn.execute("BEGIN")
+        for key, value in records:
+            kind, _, rest = key.partition(b"\x00")
+            step_b, _, k = rest.partition(b"\x00")
+            step, name = step_b.decode(), k.decode()
+            if kind == _STATE:
+                if value is None:
+                    self.conn.execute("DELETE FROM state WHERE step=? AND key=?", (step, name))
+                else:
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO state(step, key, value) VALUES(?,?,?)",
+                        (step, name, value),
+                    )
+            elif kind == _DEDUP:
+                if value is None:
+                    self.conn.execute("DELETE FROM dedup WHERE step=? AND id=?", (step, name))
+                else:
+                    seen, outcome = _msgpack_dec.decode(value)
+                    self.conn.execute(
+                        "INSERT OR REPLACE INTO dedup(step, id, seen, outcome) VALUES(?,?,?,?)",
+                        (step, name, seen, outcome),
+                    )
+            n += 1
+        self.conn.execute(
+            "INSERT OR REPLACE INTO meta(k, v) VALUES('changelog_next', ?)", (next_offset,)
+        )
+        self.conn.execute("COMMIT")
+        return n
+
+    def purge_dedup(self, step: str, ttl: float | None, max_keys: int | None) -> None:
+        if ttl is not None:
+            self.conn.execute(
+                "DELETE FROM dedup WHERE step=? AND seen<?", (step, time.time() - ttl)
+            )
+        if max_keys is not None:
+            row = self.conn.execute(
+                "SELECT seen FROM dedup WHERE step=? ORDER BY seen DESC LIMIT 1 OFFSET ?",
+                (step, max_keys - 1),
+            ).fetchone()
+            if row is not None:
+                self.conn.execute("DELETE FROM dedup WHERE step=? AND seen<?", (step, row[0]))
+
+    def counts(self) -> tuple[int, int]:
+        (s,) = self.conn.execute("SELECT COUNT(*) FROM state").fetchone()
+        (d,) = self.conn.execute("SELECT COUNT(*) FROM dedup").fetchone()
+        return int(s), int(d)
+
+
+def changelog_key(kind: bytes, step: str, key: str) -> bytes:
+    return kind + b"\x00" + step.encode() + b"\x00" + key.encode()
+
+
+class KafkaSession:
+    """One worker process's hold on Kafka: consumer, transactional producer, stores."""
+
+    def __init__(
+        self,
+        url: KafkaURL,
+        app: str,
+        *,
+        worker: int,
+        state_dir: str,
+        commit_interval: float,
+        step_topics: dict[str, str],
+        topic_partitions: int,
+    ) -> None:
+        self.ck = kafka_module()
+        self.url = url
+        self.app = app
+        self.worker = worker
+        self.state_dir = state_dir
+        self.step_topics = step_topics
+        self.default_partitions = topic_partitions
+        self.commit_interval = commit_interval
+        self.admin = self.ck.admin.AdminClient({"bootstrap.servers": url.bootstrap})
+        self.producer: Any = None
+        self.consumer: Any = None
+        self.local: dict[tuple[str, int], LocalStore] = {}
+        self.assigned: list[tuple[str, int]] = []
+        self._partitions: dict[str, int] = {}
+        self._pending: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
+        self._produced: dict[tuple[str, int], int] = {}
+        self._positions: dict[tuple[str, int], int] = {}
+        self._sources: list[str] = []
+        # Set by the App: commit the epoch in flight before partitions are taken away,
+        # forget caches after assignment changes, drop the epoch when partitions are lost.
+        self.before_revoke: Callable[[], None] = lambda: None
+        self.assignment_changed: Callable[[], None] = lambda: None
+        self.partitions_lost: Callable[[], None] = lambda: None
+        self.dead_letter_topic = ""
+
+    # -- names ----------------------------------------------------------------------
+
+    def changelog(self, topic: str) -> str:
+        return f"{self.app}.{topic}.changelog"
+
+    def _meta_topic(self) -> str:
+        return f"{self.app}.meta"
+
+    # -- start ----------------------------------------------------------------------
+
+    def ensure_topics(self, topics: dict[str, int]) -> None:
+        """Create missing topics: inputs, outputs, dead letters, changelogs, meta."""
+        wanted: dict[str, tuple[int, dict[str, str]]] = {
+            name: (parts, {}) for name, parts in topics.items()
+        }
+        compact = {"cleanup.policy": "compact"}
+        for topic in set(self.step_topics.values()):
+            wanted[self.changelog(topic)] = (topics.get(topic, self.default_partitions), compact)
+        wanted[self._meta_topic()] = (1, compact)
+        md = self.admin.list_topics(timeout=TXN_TIMEOUT_S)
+        missing = [
+            self.ck.admin.NewTopic(self.url.topic(name), num_partitions=parts, config=cfg)
+            for name, (parts, cfg) in wanted.items()
+            if self.url.topic(name) not in md.topics
+        ]
+        if missing:
+            for name, fut in self.admin.create_topics(
+                missing, request_timeout=TXN_TIMEOUT_S
+            ).items():
+                try:
+                    fut.result()
+                except self.ck.KafkaException as exc:
+                    if exc.args[0].code() != self.ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise StoreError(f"cannot create topic '{name}': {exc}") from exc
+        self._refresh_metadata(list(wanted))
+        for topic in set(self.step_topics.values()):
+            if self.partitions_of(self.changelog(topic)) != self.partitions_of(topic):
+                raise TopologyError(
+                    f"changelog '{self.changelog(topic)}' has "
+                    f"{self.partitions_of(self.changelog(topic))} partitions but '{topic}' has "
+                    f"{self.partitions_of(topic)}: they must be co-partitioned. Operator "
+                    "action: recreate the changelog with the input's partition count"
+                )
+
+    def _refresh_metadata(self, names: list[str]) -> None:
+        deadline = time.monotonic() + TXN_TIMEOUT_S
+        while True:
+            md = self.admin.list_topics(timeout=TXN_TIMEOUT_S)
+            ok = True
+            for name in names:
+                t = md.topics.get(self.url.topic(name))
+                if t is None or t.error is not None or not t.partitions:
+                    ok = False
+                    continue
+                self._partitions[name] = len(t.partitions)
+            if ok or time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+
+    def partitions_of(self, topic: str) -> int:
+        n = self._partitions.get(topic)
+        if n is None:
+            self._refresh_metadata([topic])
+            n = self._partitions.get(topic)
+            if n is None:
+                raise StoreError(f"topic '{topic}' does not exist on {self.url.bootstrap}")
+        return n
+
+    def check_topology(self, sig: list[list[str]], reset_hint: str, config: dict[str, Any]) -> None:
+        """The last topology written to the app's meta topic must match this one."""
+        meta = self.url.topic(self._meta_topic())
+        c = self.ck.Consumer(
+            {
+                "bootstrap.servers": self.url.bootstrap,
+                "group.id": f"onceflow-meta-{os.getpid()}",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+            }
+        )
+        stored = None
+        try:
+            tp = self.ck.TopicPartition(meta, 0, self.ck.OFFSET_BEGINNING)
+            _, high = c.get_watermark_offsets(tp, timeout=TXN_TIMEOUT_S, cached=False)
+            c.assign([tp])
+            while high > 0:
+                msg = c.poll(1.0)
+                if msg is None or msg.error():
+                    if c.position([tp])[0].offset >= high:
+                        break
+                    continue
+                if msg.key() == b"topology":
+                    stored = msg.value()
+                if msg.offset() >= high - 1:
+                    break
+        finally:
+            c.close()
+        text = json.dumps(sig)
+        if stored is not None and stored.decode() != text:
+            old = {s[0] for s in json.loads(stored)}
+            new = {s[0] for s in sig}
+            names = sorted(old ^ new) or sorted(new)
+            raise TopologyError(
+                f"app '{self.app}' changed its stateful steps over existing state (steps: "
+                f"{', '.join(repr(n) for n in names)}). Operator action: restore the previous "
+                "pipeline, or use a new app name (or namespace) to start from empty state"
+            )
+        if stored is None:
+            p = self.ck.Producer({"bootstrap.servers": self.url.bootstrap, "acks": "all"})
+            p.produce(meta, key=b"topology", value=text.encode())
+            p.produce(meta, key=b"config", value=json.dumps(config).encode())
+            p.flush(TXN_TIMEOUT_S)
+
+    def acquire(self, sources: Iterable[str]) -> None:
+        self._sources = list(sources)
+        self._new_producer()
+        self.consumer = self.ck.Consumer(
+            {
+                "bootstrap.servers": self.url.bootstrap,
+                "group.id": self.url.topic(self.app),
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "auto.offset.reset": "earliest",
+                "partition.assignment.strategy": "range",
+                # A dead worker's partitions move on within this time.
+                "session.timeout.ms": 10_000,
+                "heartbeat.interval.ms": 1_000,
+                "fetch.wait.max.ms": 20,
+            }
+        )
+        self.consumer.subscribe(
+            [self.url.topic(t) for t in self._sources],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+
+    def _new_producer(self) -> None:
+        """(Re)create the transactional producer; init_transactions fences every older
+        producer of this worker slot and aborts its open transaction."""
+        if self.producer is not None:
+            try:
+                self.producer.flush(0)
+            except Exception:
+                pass
+        txn_id = self.url.topic(f"onceflow-{self.app}-{self.worker}")
+        self.producer = self.ck.Producer(
+            {
+                "bootstrap.servers": self.url.bootstrap,
+                "transactional.id": txn_id,
+                "enable.idempotence": True,
+                "transaction.timeout.ms": transaction_timeout_ms(self.commit_interval),
+                "linger.ms": 2,
+                "batch.num.messages": 10_000,
+                "queue.buffering.max.messages": 2_000_000,
+                "queue.buffering.max.kbytes": 1_048_576,
+            }
+        )
+        try:
+            self.producer.init_transactions(TXN_TIMEOUT_S)
+        except self.ck.KafkaException as exc:
+            raise ConfigError(
+                f"Kafka at {self.url.bootstrap} cannot run transactions ({exc.args[0]}). "
+                "Operator action: the broker needs transaction.state.log.replication.factor "
+                "and transaction.state.log.min.isr no larger than the number of brokers"
+            ) from exc
+
+    # -- rebalances -----------------------------------------------------------------
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        t0 = time.monotonic()
+        restored = 0
+        for tp in partitions:
+            topic = self.url.strip(tp.topic)
+            key = (topic, tp.partition)
+            if key not in self.assigned:
+                self.assigned.append(key)
+            if topic in set(self.step_topics.values()):
+                restored += self._restore(topic, tp.partition)
+        self.assignment_changed()
+        if partitions:
+            log.info(
+                "worker %d assigned %s; restored %d changelog records in %.2fs",
+                self.worker,
+                ", ".join(f"{self.url.strip(tp.topic)}[{tp.partition}]" for tp in partitions),
+                restored,
+                time.monotonic() - t0,
+            )
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        self.before_revoke()
+        self._drop(partitions)
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        self.partitions_lost()
+        self._drop(partitions)
+
+    def _drop(self, partitions: list[Any]) -> None:
+        for tp in partitions:
+            key = (self.url.strip(tp.topic), tp.partition)
+            if key in self.assigned:
+                self.assigned.remove(key)
+            store = self.local.pop(key, None)
+            if store is not None:
+                store.close()
+        self.assignment_changed()
+
+    def _restore(self, topic: str, part: int) -> int:
+        """Bring the partition's local store up to the changelog's end."""
+        path = os.path.join(self.state_dir, f"{topic}-{part}.db")
+        store = self.local.get((topic, part)) or LocalStore(path)
+        self.local[(topic, part)] = store
+        cl = self.url.topic(self.changelog(topic))
+        c = self.ck.Consumer(
+            {
+                "bootstrap.servers": self.url.bootstrap,
+                "group.id": f"onceflow-restore-{os.getpid()}",
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+            }
+        )
+        try:
+            tp = self.ck.TopicPartition(cl, part)
+            low, high = c.get_watermark_offsets(tp, timeout=TXN_TIMEOUT_S, cached=False)
+            start = store.next_offset
+            if start < low:
+                # The local copy is older than what compaction kept: rebuild it whole.
+                store.wipe()
+                start = low
+            if start >= high:
+                return 0
+            c.assign([self.ck.TopicPartition(cl, part, start)])
+            n = 0
+            t0 = time.monotonic()
+            idle = 0
+            while True:
+                msgs = c.consume(5000, 0.5)
+                recs = [(m.key(), m.value()) for m in msgs if not m.error()]
+                pos = c.position([tp])[0].offset
+                if recs:
+                    n += store.apply(recs, max(pos, 0))
+                    idle = 0
+                    if n % 50_000 < len(recs):
+                        log.info("restoring %s[%d]: %d records", topic, part, n)
+                else:
+                    idle += 1
+                if pos >= high or idle >= 4 or time.monotonic() - t0 > 600:
+                    break
+            store.apply([], max(c.position([tp])[0].offset, start))
+            log.info("restored %s[%d]: %d records in %.2fs", topic, part, n, time.monotonic() - t0)
+            return n
+        finally:
+            c.close()
+
+    # -- reading --------------------------------------------------------------------
+
+    def committed_positions(self) -> dict[tuple[str, int], int]:
+        if not self.assigned or self.consumer is None:
+            return {}
+        tps = [self.ck.TopicPartition(self.url.topic(t), p) for t, p in self.assigned]
+        out = {}
+        for tp in self.consumer.committed(tps, timeout=TXN_TIMEOUT_S):
+            out[(self.url.strip(tp.topic), tp.partition)] = max(tp.offset, 0)
+        return out
+
+    def rewind(self) -> dict[tuple[str, int], int]:
+        """Back to the last commit: seek every held partition to its committed offset."""
+        committed = self.committed_positions()
+        for (topic, part), off in committed.items():
+            try:
+                self.consumer.seek(self.ck.TopicPartition(self.url.topic(topic), part, off))
+            except self.ck.KafkaException:
+                # Not fetching yet: it will start from the committed offset anyway.
+                pass
+        return committed
+
+    def poll(self, positions: dict[tuple[str, int], int], max_records: int) -> list[Batch]:
+        msgs = self.consumer.consume(max_records, 0.05)
+        by_topic: dict[str, Batch] = {}
+        for m in msgs:
+            if m.error():
+                if m.error().code() == self.ck.KafkaError._PARTITION_EOF:
+                    continue
+                raise StoreError(f"Kafka consumer error: {m.error()}")
+            topic = self.url.strip(m.topic())
+            b = by_topic.get(topic)
+            if b is None:
+                b = by_topic[topic] = Batch(topic, [], [], [], [], [], [])
+            key = m.key()
+            headers, eid = decode_headers(m.headers())
+            b.parts.append(m.partition())
+            b.offs.append(m.offset())
+            b.keys.append(None if key is None else key.decode(errors="replace"))
+            b.raws.append(m.value() or b"")
+            b.tss.append(m.timestamp()[1] / 1000.0)
+            b.ids.append(eid)
+            self._positions[(topic, m.partition())] = m.offset() + 1
+        return list(by_topic.values())
+
+    def wait_for_data(self, timeout: float, stop: Any) -> None:
+        """`poll` already waits in the consumer."""
+
+    def idle(self) -> bool:
+        """Caught up: every held partition's position is at its end."""
+        if not self.assigned:
+            return False
+        for topic, part in self.assigned:
+            tp = self.ck.TopicPartition(self.url.topic(topic), part)
+            _, high = self.consumer.get_watermark_offsets(tp, timeout=TXN_TIMEOUT_S, cached=False)
+            pos = self._positions.get((topic, part))
+            if pos is None:
+                committed = self.committed_positions().get((topic, part), 0)
+                pos = committed
+            if pos < high:
+                # Transaction markers sit at the end of a topic without being records.
+                if self._only_markers_left(topic, part, pos, high):
+                    continue
+                return False
+        return True
+
+    def _only_markers_left(self, topic: str, part: int, pos: int, high: int) -> bool:
+        tp = self.ck.TopicPartition(self.url.topic(topic), part)
+        got: int = self.consumer.position([tp])[0].offset
+        return got >= high
+
+    def load_state(self, step: str, pks: list[PartKey]) -> dict[PartKey, Any]:
+        return self._load("state", step, pks)
+
+    def load_dedup(self, step: str, pks: list[PartKey]) -> dict[PartKey, Any]:
+        return self._load("dedup", step, pks)
+
+    def _load(self, table: str, step: str, pks: list[PartKey]) -> dict[PartKey, Any]:
+        topic = self.step_topics[step]
+        by_part: dict[int, list[str]] = {}
+        for part, key in pks:
+            by_part.setdefault(part, []).append(key)
+        out: dict[PartKey, Any] = {}
+        for part, keys in by_part.items():
+            store = self.local.get((topic, part))
+            if store is None:
+                continue
+            for k, v in store.load(table, step, keys).items():
+                out[(part, k)] = v
+        return out
+
+    # -- the commit's operations (called by Checkpoint, in its order) ---------------
+
+    def begin(self) -> Any:
+        self._pending = {}
+        self._produced = {}
+        self.producer.begin_transaction()
+        return self
+
+    def check_fence(self, txn: Any) -> None:
+        """Zombies are fenced by the broker: by the producer epoch of this worker slot,
+        and by the group generation sent with the offsets, both checked at commit."""
+
+    def _produce(
+        self,
+        topic: str,
+        part: int,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Any = None,
+        ts: float | None = None,
+        on_delivery: Any = None,
+    ) -> None:
+        while True:
+            try:
+                self.producer.produce(
+                    self.url.topic(topic),
+                    value=value,
+                    key=key,
+                    partition=part,
+                    headers=headers,
+                    timestamp=int(ts * 1000) if ts else 0,
+                    on_delivery=on_delivery,
+                )
+                return
+            except BufferError:
+                self.producer.poll(0.05)
+
+    def write_outputs(self, txn: Any, outputs: dict[tuple[str, int], Columns]) -> None:
+        for (topic, part), cols in outputs.items():
+            hdrs = cols.headers
+            for i in range(len(cols)):
+                key = cols.keys[i]
+                self._produce(
+                    topic,
+                    part,
+                    None if key is None else key.encode(),
+                    cols.values[i],
+                    encode_headers(None if hdrs is None else hdrs[i], cols.ids[i]),
+                    cols.tss[i],
+                )
+            self.producer.poll(0)
+
+    def _changelog_write(self, step: str, part: int, key: bytes, value: bytes | None) -> None:
+        topic = self.step_topics[step]
+        cl = self.changelog(topic)
+
+        def delivered(err: Any, msg: Any) -> None:
+            if err is None:
+                k = (topic, msg.partition())
+                self._produced[k] = max(self._produced.get(k, -1), msg.offset())
+
+        self._pending.setdefault((topic, part), []).append((key, value))
+        self._produce(cl, part, key, value, on_delivery=delivered)
+
+    def write_state(self, txn: Any, step: str, rows: list[tuple[int, str, bytes | None]]) -> None:
+        for part, key, value in rows:
+            self._changelog_write(step, part, changelog_key(_STATE, step, key), value)
+
+    def write_dedup(
+        self, txn: Any, step: str, rows: list[tuple[int, str, float, bytes | None]]
+    ) -> None:
+        for part, bid, seen, outcome in rows:
+            value = _msgpack_enc.encode([seen, outcome])
+            self._changelog_write(step, part, changelog_key(_DEDUP, step, bid), value)
+
+    def purge_dedup(self, txn: Any, step: str, ttl: float | None, max_keys: int | None) -> int:
+        # Local only: a purged id that a restore brings back is still checked against
+        # its timestamp, and one kept too long only makes dedupe stricter.
+        topic = self.step_topics[step]
+        for (t, _), store in self.local.items():
+            if t == topic:
+                store.purge_dedup(step, ttl, max_keys)
+        return 0
+
+    def write_positions(self, txn: Any, positions: dict[tuple[str, int], int]) -> None:
+        tps = [
+            self.ck.TopicPartition(self.url.topic(t), p, off) for (t, p), off in positions.items()
+        ]
+        self.producer.send_offsets_to_transaction(
+            tps, self.consumer.consumer_group_metadata(), TXN_TIMEOUT_S
+        )
+
+    def commit(self, txn: Any) -> None:
+        self.producer.commit_transaction(TXN_TIMEOUT_S)
+
+    def rollback(self, txn: Any) -> None:
+        try:
+            self.producer.abort_transaction(TXN_TIMEOUT_S)
+        except Exception as exc:
+            # An abort that fails leaves the transaction's fate to the coordinator; a new
+            # producer of the same slot fences the old one and settles it.
+            log.warning("abort failed (%s); recreating the producer", exc)
+            self._new_producer()
+        self._pending = {}
+
+    def outcome_of(self, positions: dict[tuple[str, int], int]) -> bool:
+        """After a commit that raised: fence the old producer, then ask the group."""
+        self._new_producer()
+        committed = self.committed_positions()
+        return all(committed.get(tp) == off for tp, off in positions.items())
+
+    def after_commit(self) -> None:
+        """The epoch is durable in Kafka: bring the local stores up to it."""
+        self.producer.poll(0)
+        for (topic, part), records in self._pending.items():
+            store = self.local.get((topic, part))
+            if store is None:
+                continue
+            last = self._produced.get((topic, part))
+            # Transaction markers take an offset after the last record.
+            nxt = store.next_offset if last is None else last + 1
+            store.apply(records, nxt)
+        self._pending = {}
+
+    def close(self) -> None:
+        if self.consumer is not None:
+            try:
+                self.consumer.close()
+            except Exception:
+                pass
+        for store in self.local.values():
+            store.close()
+        self.local.clear()
+        if self.producer is not None:
+            self.producer.flush(5)
+
+    def partition_for(self, key: str | None, partitions: int, fallback: int) -> int:
+        return kafka_partition(key, partitions, fallback)
