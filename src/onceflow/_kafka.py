@@ -12,6 +12,7 @@ and a partition that moves to another worker is rebuilt from the changelog.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -339,10 +340,8 @@ class KafkaSession:
         """(Re)create the transactional producer; init_transactions fences every older
         producer of this worker slot and aborts its open transaction."""
         if self.producer is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self.producer.flush(0)
-            except Exception:
-                pass
         txn_id = self.url.topic(f"onceflow-{self.app}-{self.worker}")
         self.producer = self.ck.Producer(
             {
@@ -467,11 +466,9 @@ class KafkaSession:
         """Back to the last commit: seek every held partition to its committed offset."""
         committed = self.committed_positions()
         for (topic, part), off in committed.items():
-            try:
+            # A partition not fetching yet starts from the committed offset anyway.
+            with contextlib.suppress(self.ck.KafkaException):
                 self.consumer.seek(self.ck.TopicPartition(self.url.topic(topic), part, off))
-            except self.ck.KafkaException:
-                # Not fetching yet: it will start from the committed offset anyway.
-                pass
         return committed
 
     def poll(self, positions: dict[tuple[str, int], int], max_records: int) -> list[Batch]:
@@ -487,7 +484,7 @@ class KafkaSession:
             if b is None:
                 b = by_topic[topic] = Batch(topic, [], [], [], [], [], [])
             key = m.key()
-            headers, eid = decode_headers(m.headers())
+            _headers, eid = decode_headers(m.headers())
             b.parts.append(m.partition())
             b.offs.append(m.offset())
             b.keys.append(None if key is None else key.decode(errors="replace"))
@@ -669,10 +666,8 @@ class KafkaSession:
 
     def close(self) -> None:
         if self.consumer is not None:
-            try:
+            with contextlib.suppress(Exception):
                 self.consumer.close()
-            except Exception:
-                pass
         for store in self.local.values():
             store.close()
         self.local.clear()
