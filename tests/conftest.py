@@ -4,6 +4,7 @@ about one backend's internals runs against each backend that is available."""
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,23 @@ import pytest
 
 from onceflow import App
 
-BACKENDS = ["embedded"]
+BACKENDS = ["embedded", "kafka"]
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real Kafka broker (KRaft, loopback) for the whole session."""
+    from infra.kafka_broker import KafkaBroker, KafkaUnavailable
+
+    broker = KafkaBroker(tmp_path_factory.mktemp("kafka"))
+    try:
+        broker.start()
+    except KafkaUnavailable as exc:
+        pytest.skip(f"Kafka tests need Java 17 and Maven: {exc}")
+    try:
+        yield broker
+    finally:
+        broker.stop()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -21,9 +38,27 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def store(tmp_path: Path, backend: str) -> str:
-    """A fresh store for the test, on the backend under test."""
+def store(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> str:
+    """A fresh store for the test, on the backend under test. On Kafka a namespace of
+    its own keeps the test's topics, groups and transactional ids apart."""
+    if backend == "kafka":
+        broker = request.getfixturevalue("kafka_broker")
+        os.environ["ONCEFLOW_STATE_DIR"] = str(tmp_path / "state")
+        return f"kafka://{broker.bootstrap}/t{uuid.uuid4().hex[:10]}"
     return str(tmp_path / "store.db")
+
+
+@pytest.fixture
+def embedded_store(tmp_path: Path) -> str:
+    """For tests about the embedded log itself."""
+    return str(tmp_path / "store.db")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None and callspec.params.get("backend") == "kafka":
+            item.add_marker(pytest.mark.kafka)
 
 
 @pytest.fixture
@@ -39,8 +74,10 @@ def app_factory(store: str) -> Callable[..., App]:
 
 @pytest.fixture(autouse=True)
 def _no_crash_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    # A crash point set in the developer's shell must not kill the test process.
+    # A crash point set in the developer's shell must not kill the test process, and
+    # each test's Kafka state directory is its own.
     monkeypatch.delenv("ONCEFLOW_CRASH_AT", raising=False)
+    monkeypatch.delenv("ONCEFLOW_STATE_DIR", raising=False)
     yield
 
 

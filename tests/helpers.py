@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Any
 
 from onceflow import Consumer, Record
@@ -10,11 +11,8 @@ from onceflow import Consumer, Record
 
 def read_all(store: str, topic: str) -> list[Record]:
     """Every committed record of a topic, partition by partition, without a group commit."""
-    with Consumer(store, group="tests-reader", topics=[topic]) as c:
-        out: list[Record] = []
-        while batch := c.poll(max_records=10_000):
-            out.extend(batch)
-        return out
+    with Consumer(store, group=f"tests-reader-{uuid.uuid4().hex[:8]}", topics=[topic]) as c:
+        return sorted(c, key=lambda r: (r.partition, r.offset))
 
 
 def values(store: str, topic: str) -> list[Any]:

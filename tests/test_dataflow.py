@@ -216,10 +216,11 @@ def test_dedupe_ttl_forgets_old_ids(store: str, app_factory: Factory) -> None:
     assert len(read_all(store, "out")) == 2
 
 
-def test_dedupe_max_keys_keeps_the_newest(store: str, app_factory: Factory) -> None:
+def test_dedupe_max_keys_keeps_the_newest(embedded_store: str) -> None:
     from onceflow._sqlite import SQLiteStore
 
-    app = app_factory(commit_every=1, max_batch=1)
+    store = embedded_store
+    app = App("app", store=store, commit_every=1, max_batch=1)
     app.source("in").dedupe(name="d", max_keys=5).to("out")
     with Producer(store) as p:
         p.send_batch("in", [(None, i, f"id-{i}") for i in range(60)])
@@ -317,7 +318,7 @@ def test_changed_topology_is_refused_naming_the_step(store: str, app_factory: Fa
     first.run(until_idle=True)
     changed = app_factory("shop")
     changed.source("in").reduce(name="sums", fn=lambda a, v: a + v).to("out")
-    with pytest.raises(TopologyError, match=r"'totals'.*gone.*onceflow reset shop"):
+    with pytest.raises(TopologyError, match=r"'totals'.*gone.*Operator action"):
         changed.run(until_idle=True)
 
 

@@ -14,6 +14,12 @@ from onceflow._sqlite import SQLiteStore
 from .helpers import read_all
 
 
+@pytest.fixture
+def store(embedded_store: str) -> str:
+    """The embedded log's own behaviour: sequences, dense offsets, SQLite locking."""
+    return embedded_store
+
+
 def test_send_assigns_dense_offsets_per_partition(store: str) -> None:
     with Producer(store, producer_id="p", partitions=3) as p:
         results = [p.send("t", {"i": i}, key=f"k{i % 5}") for i in range(30)]

@@ -162,12 +162,6 @@ class App:
         if not self._sources:
             raise ConfigError(f"app '{self.name}' has no source; call app.source('topic')")
         validate(self._sources)
-        if is_kafka(self.store) and self._sinks():
-            names = ", ".join(self._sinks())
-            raise ConfigError(
-                f"sinks {names} write to the embedded store and cannot run on Kafka; "
-                "operator action: write to a topic with to(), or run on a SQLite store"
-            )
         if self.guarantee == "exactly-once":
             for sink in self._sinks().values():
                 if sink.guarantee == "at-least-once":
@@ -177,6 +171,13 @@ class App:
                         "transactional or idempotent sink (to(topic), SQLiteTableSink, FileSink)"
                         ", or build the App with guarantee='at-least-once'"
                     )
+        on_store = [name for name, s in self._sinks().items() if s.needs_store]
+        if is_kafka(self.store) and on_store:
+            names = ", ".join(on_store)
+            raise ConfigError(
+                f"sinks {names} write to the embedded store and cannot run on Kafka; "
+                "operator action: write to a topic with to(), or run on a SQLite store"
+            )
 
     def stop(self) -> None:
         """Ask `run()` to commit what it has and return. Safe from any thread."""
@@ -219,7 +220,7 @@ class App:
                 if s.kind == "dedupe"
             }
             sinks = self._sinks()
-            if sinks:
+            if sinks and hasattr(session, "store"):
                 with session.store.lock:
                     for sink in sinks.values():
                         if hasattr(sink, "_crash"):

@@ -7,6 +7,8 @@ import time
 from collections.abc import Iterator, Sequence
 
 from ._errors import ConfigError
+from ._kafka_clients import KafkaConsumerImpl
+from ._kafka_common import is_kafka
 from ._records import Record
 from ._sqlite import SQLiteStore, store_path
 
@@ -36,12 +38,19 @@ class Consumer:
             raise ConfigError("Consumer needs at least one topic")
         self.group = group
         self.topics = list(topics)
+        self._kafka: KafkaConsumerImpl | None = None
+        if is_kafka(os.fspath(store)):
+            self._kafka = KafkaConsumerImpl(os.fspath(store), group, self.topics, start)
+            return
         self._store = SQLiteStore(store_path(store))
         self._start = start
         self._positions: dict[tuple[str, int], int] = {}
         self._cursor = 0
 
     def close(self) -> None:
+        if self._kafka is not None:
+            self._kafka.close()
+            return
         self._store.close()
 
     def __enter__(self) -> Consumer:
@@ -65,13 +74,20 @@ class Consumer:
         return sorted(self._positions)
 
     def position(self, topic: str, partition: int) -> int:
+        if self._kafka is not None:
+            return self._kafka.position(topic, partition)
         return self._positions.get((topic, partition), 0)
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
+        if self._kafka is not None:
+            self._kafka.seek(topic, partition, offset)
+            return
         self._positions[(topic, partition)] = offset
 
     def poll(self, max_records: int = 1000, timeout: float = 0.0) -> list[Record]:
         """Up to `max_records` committed records, waiting up to `timeout` seconds for any."""
+        if self._kafka is not None:
+            return self._kafka.poll(max_records, timeout)
         deadline = time.monotonic() + timeout
         while True:
             tps = self._refresh()
@@ -94,11 +110,24 @@ class Consumer:
 
     def __iter__(self) -> Iterator[Record]:
         """Records until the topics are drained (no follow)."""
+        if self._kafka is not None:
+            # A group consumer has no partitions until the group assigns them, so
+            # "drained" means assigned and at the end of each, not one empty poll.
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                batch = self._kafka.poll(1000, 0.2)
+                yield from batch
+                if not batch and self._kafka.caught_up():
+                    return
+            return
         while batch := self.poll():
             yield from batch
 
     def commit(self) -> None:
         """Store the current positions for the group, durably."""
+        if self._kafka is not None:
+            self._kafka.commit()
+            return
         rows = []
         for (topic, part), off in self._positions.items():
             found = self._store.topic(topic)

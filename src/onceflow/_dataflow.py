@@ -193,6 +193,26 @@ def validate(sources: list[Step]) -> None:
         walk(src)
 
 
+def topology_problems(old: list[list[str]], new: list[list[str]]) -> list[str]:
+    """How the stateful steps changed, one sentence per step, naming it."""
+    before = {s[0]: s for s in old}
+    after = {s[0]: s for s in new}
+    problems = []
+    for name, s in before.items():
+        if name not in after:
+            problems.append(f"step '{name}' ({s[1]} on '{s[2]}') has state but is gone")
+        elif after[name] != s:
+            problems.append(
+                f"step '{name}' was {s[1]} on '{s[2]}', now {after[name][1]} on '{after[name][2]}'"
+            )
+    for name, s in after.items():
+        if name not in before:
+            problems.append(
+                f"step '{name}' ({s[1]}) is new, and would start with empty state mid-stream"
+            )
+    return problems
+
+
 def signature(sources: list[Step]) -> list[list[str]]:
     """What a restart must find unchanged: each stateful step's name, kind and source."""
     out: list[list[str]] = []

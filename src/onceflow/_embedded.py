@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from ._dataflow import topology_problems
 from ._errors import FencedError, StoreError, TopologyError
 from ._records import Columns
 from ._runtime import Batch
@@ -59,23 +60,7 @@ class EmbeddedSession:
             if row[0] == text:
                 conn.execute("UPDATE apps SET config=? WHERE app=?", (cfg, self.app))
                 return
-            old = {s[0]: s for s in json.loads(row[0])}
-            new = {s[0]: s for s in sig}
-            problems = []
-            for name, s in old.items():
-                if name not in new:
-                    problems.append(f"step '{name}' ({s[1]} on '{s[2]}') has state but is gone")
-                elif new[name] != s:
-                    problems.append(
-                        f"step '{name}' was {s[1]} on '{s[2]}', now {new[name][1]} on "
-                        f"'{new[name][2]}'"
-                    )
-            for name, s in new.items():
-                if name not in old:
-                    problems.append(
-                        f"step '{name}' ({s[1]}) is new, and would start with empty state "
-                        "mid-stream"
-                    )
+            problems = topology_problems(json.loads(row[0]), sig)
             raise TopologyError(
                 f"app '{self.app}' changed its stateful steps over existing state: "
                 + "; ".join(problems)

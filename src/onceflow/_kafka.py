@@ -23,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from ._dataflow import topology_problems
 from ._errors import ConfigError, StoreError, TopologyError
 from ._kafka_common import (
     KafkaURL,
@@ -44,6 +45,27 @@ _msgpack_dec = msgspec.msgpack.Decoder()
 # Admin and transaction calls wait this long for the broker; past it the outcome is
 # unknown and the producer is recreated (which fences the old one) rather than retried.
 TXN_TIMEOUT_S = 30.0
+
+
+def _retrying(ck: Any, fn: Callable[[], Any], what: str) -> Any:
+    """Retry a metadata call through the moments after a topic is created or a broker
+    restarts, when partitions have no leader yet."""
+    deadline = time.monotonic() + TXN_TIMEOUT_S
+    while True:
+        try:
+            return fn()
+        except ck.KafkaException as exc:
+            if time.monotonic() > deadline or (
+                not exc.args[0].retriable()
+                and exc.args[0].code()
+                not in (
+                    ck.KafkaError.NOT_LEADER_FOR_PARTITION,
+                    ck.KafkaError.LEADER_NOT_AVAILABLE,
+                    ck.KafkaError.UNKNOWN_TOPIC_OR_PART,
+                )
+            ):
+                raise StoreError(f"{what}: {exc.args[0]}") from exc
+            time.sleep(0.2)
 
 
 def transaction_timeout_ms(commit_interval: float) -> int:
@@ -281,7 +303,11 @@ class KafkaSession:
         stored = None
         try:
             tp = self.ck.TopicPartition(meta, 0, self.ck.OFFSET_BEGINNING)
-            _, high = c.get_watermark_offsets(tp, timeout=TXN_TIMEOUT_S, cached=False)
+            _, high = _retrying(
+                self.ck,
+                lambda: c.get_watermark_offsets(tp, timeout=TXN_TIMEOUT_S, cached=False),
+                f"reading {meta}",
+            )
             c.assign([tp])
             while high > 0:
                 msg = c.poll(1.0)
@@ -297,13 +323,11 @@ class KafkaSession:
             c.close()
         text = json.dumps(sig)
         if stored is not None and stored.decode() != text:
-            old = {s[0] for s in json.loads(stored)}
-            new = {s[0] for s in sig}
-            names = sorted(old ^ new) or sorted(new)
             raise TopologyError(
-                f"app '{self.app}' changed its stateful steps over existing state (steps: "
-                f"{', '.join(repr(n) for n in names)}). Operator action: restore the previous "
-                "pipeline, or use a new app name (or namespace) to start from empty state"
+                f"app '{self.app}' changed its stateful steps over existing state: "
+                + "; ".join(topology_problems(json.loads(stored), sig))
+                + ". Operator action: restore the previous pipeline, or use a new app name "
+                "(or store namespace) to start from empty state"
             )
         if stored is None:
             p = self.ck.Producer({"bootstrap.servers": self.url.bootstrap, "acks": "all"})
@@ -323,6 +347,9 @@ class KafkaSession:
                 "enable.auto.offset.store": False,
                 "auto.offset.reset": "earliest",
                 "partition.assignment.strategy": "range",
+                # Static membership: a restarted worker slot gets its partitions back at
+                # once instead of after the dead member's session times out.
+                "group.instance.id": self.url.topic(f"onceflow-{self.app}-{self.worker}"),
                 # A dead worker's partitions move on within this time.
                 "session.timeout.ms": 10_000,
                 "heartbeat.interval.ms": 1_000,
@@ -420,7 +447,11 @@ class KafkaSession:
         )
         try:
             tp = self.ck.TopicPartition(cl, part)
-            low, high = c.get_watermark_offsets(tp, timeout=TXN_TIMEOUT_S, cached=False)
+            low, high = _retrying(
+                self.ck,
+                lambda: c.get_watermark_offsets(tp, timeout=TXN_TIMEOUT_S, cached=False),
+                f"reading {cl}",
+            )
             start = store.next_offset
             if start < low:
                 # The local copy is older than what compaction kept: rebuild it whole.
@@ -503,7 +534,7 @@ class KafkaSession:
             return False
         for topic, part in self.assigned:
             tp = self.ck.TopicPartition(self.url.topic(topic), part)
-            _, high = self.consumer.get_watermark_offsets(tp, timeout=TXN_TIMEOUT_S, cached=False)
+            _, high = self._watermarks(tp, f"{topic}[{part}]")
             pos = self._positions.get((topic, part))
             if pos is None:
                 committed = self.committed_positions().get((topic, part), 0)
@@ -514,6 +545,14 @@ class KafkaSession:
                     continue
                 return False
         return True
+
+    def _watermarks(self, tp: Any, what: str) -> tuple[int, int]:
+        def get() -> tuple[int, int]:
+            low, high = self.consumer.get_watermark_offsets(tp, timeout=TXN_TIMEOUT_S, cached=False)
+            return int(low), int(high)
+
+        result: tuple[int, int] = _retrying(self.ck, get, f"reading the end of {what}")
+        return result
 
     def _only_markers_left(self, topic: str, part: int, pos: int, high: int) -> bool:
         tp = self.ck.TopicPartition(self.url.topic(topic), part)
@@ -665,6 +704,10 @@ class KafkaSession:
         self._pending = {}
 
     def close(self) -> None:
+        # Whatever is in flight was committed by the App or must die with it, as after a
+        # kill: leaving the group must not commit from a revoke callback.
+        self.before_revoke = lambda: None
+        self.assignment_changed = lambda: None
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 self.consumer.close()

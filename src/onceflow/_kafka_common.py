@@ -14,6 +14,7 @@ ID_HEADER = "onceflow-id"
 def kafka_module() -> Any:
     try:
         import confluent_kafka
+        import confluent_kafka.admin
     except ImportError as exc:
         raise MissingExtraError("kafka", "confluent-kafka") from exc
     return confluent_kafka

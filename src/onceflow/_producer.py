@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from ._errors import ConfigError, StoreError
+from ._kafka_clients import KafkaProducerImpl
+from ._kafka_common import is_kafka
 from ._records import Columns, SendResult
 from ._serde import encode_value
 from ._sqlite import SQLiteStore, partition_for, store_path
@@ -41,11 +43,18 @@ class Producer:
         partitions: int = 1,
     ) -> None:
         self.producer_id = producer_id or f"p-{uuid.uuid4().hex[:12]}"
+        self._kafka: KafkaProducerImpl | None = None
+        if is_kafka(os.fspath(store)):
+            self._kafka = KafkaProducerImpl(os.fspath(store), self.producer_id, partitions)
+            return
         self._store = SQLiteStore(store_path(store))
         self._default_partitions = partitions
         self._last: dict[tuple[int, int], int] = {}
 
     def close(self) -> None:
+        if self._kafka is not None:
+            self._kafka.close()
+            return
         self._store.close()
 
     def __enter__(self) -> Producer:
@@ -56,6 +65,8 @@ class Producer:
 
     def last_sequence(self, topic: str, partition: int) -> int:
         """The last sequence this producer id stored in a partition, -1 if none."""
+        if self._kafka is not None:
+            return self._kafka.last_sequence(topic, partition)
         found = self._store.topic(topic)
         if found is None:
             return -1
@@ -106,7 +117,14 @@ class Producer:
         sequences: list[int] | None = None,
         timestamp: float | None = None,
     ) -> list[SendResult]:
-        """Send (key, value, id) items in one durable transaction, all or nothing."""
+        """Send (key, value, id) items in one durable transaction, all or nothing.
+
+        On Kafka the items are acknowledged together but are not one transaction.
+        """
+        if self._kafka is not None:
+            return self._kafka.send_batch(
+                topic, list(items), headers, partition, sequences, timestamp
+            )
         tid, nparts = self._store.ensure_topic(topic, self._default_partitions)
         if partition is not None and not 0 <= partition < nparts:
             raise ConfigError(f"topic '{topic}' has {nparts} partitions; partition={partition}")

@@ -40,6 +40,9 @@ class Sink:
     """
 
     guarantee: ClassVar[Guarantee] = "at-least-once"
+    # Whether the sink writes into the embedded store's own transaction (or outbox);
+    # such sinks cannot run on Kafka.
+    needs_store: ClassVar[bool] = True
     name: str = "sink"
 
     def open(self, app: str, conn: sqlite3.Connection) -> None:
@@ -207,6 +210,7 @@ class CallbackSink(Sink):
     """
 
     guarantee = "at-least-once"
+    needs_store = False
 
     def __init__(self, fn: Callable[[Any, Any], None], *, name: str = "callback") -> None:
         if not callable(fn):

@@ -19,16 +19,20 @@ chaos`).
 from __future__ import annotations
 
 import os
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._app import App
+from ._consumer import Consumer
 from ._crash import CRASH_POINTS, CrashInjector, SimulatedCrash
 from ._dataflow import STATEFUL
 from ._errors import ConfigError
+from ._kafka_common import is_kafka
 from ._producer import Producer
+from ._records import Record
 from ._serde import load_state
 from ._sqlite import SQLiteStore
 
@@ -161,6 +165,8 @@ def output_topics(app: App) -> list[str]:
 
 def snapshot(app: App, store: str | None = None) -> Snapshot:
     """Read the committed outputs, state and dedup ids of `app` from its store."""
+    if is_kafka(store or app.store):
+        return _kafka_snapshot(app, store or app.store)
     st = SQLiteStore(store or app.store)
     snap = Snapshot()
     try:
@@ -182,6 +188,34 @@ def snapshot(app: App, store: str | None = None) -> Snapshot:
                 snap.dedup_ids.add((step, part, bid))
     finally:
         st.close()
+    return snap
+
+
+def _committed(store: str, topic: str) -> list[Record]:
+    with Consumer(store, group=f"onceflow-snapshot-{uuid.uuid4().hex[:8]}", topics=[topic]) as c:
+        return sorted(c, key=lambda r: (r.partition, r.offset))
+
+
+def _kafka_snapshot(app: App, store: str) -> Snapshot:
+    """On Kafka the committed state is the fold of the changelog topics."""
+    snap = Snapshot()
+    for topic in output_topics(app):
+        for rec in _committed(store, topic):
+            hdrs = tuple(sorted((rec.headers or {}).items()))
+            snap.outputs.setdefault((topic, rec.key), []).append((rec.value, rec.id, hdrs))
+    for source in sorted(set(app._step_topics().values())):
+        latest: dict[tuple[int, str], bytes] = {}
+        for rec in _committed(store, f"{app.name}.{source}.changelog"):
+            latest[(rec.partition, rec.key or "")] = rec.value
+        for (part, raw_key), value in latest.items():
+            kind, _, rest = raw_key.partition("\x00")
+            step, _, key = rest.partition("\x00")
+            if not value:
+                continue  # a tombstone
+            if kind == "s":
+                snap.state[(step, part, key)] = load_state(value)
+            elif kind == "d":
+                snap.dedup_ids.add((step, part, key))
     return snap
 
 

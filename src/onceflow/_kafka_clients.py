@@ -1,0 +1,210 @@
+"""Producer and Consumer on Kafka: what `Producer("kafka://...")` and
+`Consumer("kafka://...")` use underneath."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ._errors import ConfigError, StoreError
+from ._kafka_common import (
+    KafkaURL,
+    decode_headers,
+    encode_headers,
+    kafka_module,
+    kafka_partition,
+)
+from ._records import Record, SendResult
+from ._serde import encode_value
+
+_TIMEOUT_S = 30.0
+
+
+class KafkaProducerImpl:
+    """An idempotent producer (acks=all): a send returns once every replica has it.
+
+    Kafka's idempotence covers retries within one producer session; re-sends from a new
+    session are recognised by their business id in a `dedupe` step.
+    """
+
+    def __init__(self, store: str, producer_id: str, partitions: int) -> None:
+        self.ck = kafka_module()
+        self.url = KafkaURL.parse(store)
+        self.partitions = partitions
+        self.producer = self.ck.Producer(
+            {
+                "bootstrap.servers": self.url.bootstrap,
+                "enable.idempotence": True,
+                "acks": "all",
+                "client.id": producer_id,
+                "linger.ms": 2,
+            }
+        )
+        self.admin = self.ck.admin.AdminClient({"bootstrap.servers": self.url.bootstrap})
+        self._topics: dict[str, int] = {}
+
+    def ensure_topic(self, topic: str) -> int:
+        n = self._topics.get(topic)
+        if n is not None:
+            return n
+        name = self.url.topic(topic)
+        md = self.admin.list_topics(timeout=_TIMEOUT_S)
+        if name not in md.topics:
+            fut = self.admin.create_topics(
+                [self.ck.admin.NewTopic(name, num_partitions=self.partitions)],
+                request_timeout=_TIMEOUT_S,
+            )[name]
+            try:
+                fut.result()
+            except self.ck.KafkaException as exc:
+                if exc.args[0].code() != self.ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                    raise StoreError(f"cannot create topic '{topic}': {exc}") from exc
+        deadline = time.monotonic() + _TIMEOUT_S
+        while True:
+            t = self.admin.list_topics(timeout=_TIMEOUT_S).topics.get(name)
+            if t is not None and t.partitions and t.error is None:
+                self._topics[topic] = len(t.partitions)
+                return len(t.partitions)
+            if time.monotonic() > deadline:
+                raise StoreError(f"topic '{topic}' did not appear on {self.url.bootstrap}")
+            time.sleep(0.1)
+
+    def send_batch(
+        self,
+        topic: str,
+        items: list[tuple[str | None, Any, str | None]],
+        headers: dict[str, str] | None,
+        partition: int | None,
+        sequences: list[int] | None,
+        timestamp: float | None,
+    ) -> list[SendResult]:
+        if sequences is not None:
+            raise ConfigError(
+                "sequences= is not supported on Kafka: a new producer session cannot resume "
+                "Kafka's sequence numbers. Send an id= and dedupe on it instead"
+            )
+        nparts = self.ensure_topic(topic)
+        results: list[SendResult | None] = [None] * len(items)
+        errors: list[Any] = []
+
+        def delivered(i: int) -> Any:
+            def cb(err: Any, msg: Any) -> None:
+                if err is not None:
+                    errors.append(err)
+                else:
+                    results[i] = SendResult(topic, msg.partition(), msg.offset(), False)
+
+            return cb
+
+        ts = int((timestamp or time.time()) * 1000)
+        for i, (key, value, eid) in enumerate(items):
+            part = partition if partition is not None else kafka_partition(key, nparts, i)
+            while True:
+                try:
+                    self.producer.produce(
+                        self.url.topic(topic),
+                        value=encode_value(value),
+                        key=None if key is None else key.encode(),
+                        partition=part,
+                        headers=encode_headers(headers, eid),
+                        timestamp=ts,
+                        on_delivery=delivered(i),
+                    )
+                    break
+                except BufferError:
+                    self.producer.poll(0.05)
+        remaining = self.producer.flush(_TIMEOUT_S)
+        if remaining or errors:
+            raise StoreError(
+                f"send to '{topic}' not acknowledged: {errors[0] if errors else 'timeout'}"
+            )
+        return [r for r in results if r is not None]
+
+    def last_sequence(self, topic: str, partition: int) -> int:
+        raise ConfigError("last_sequence() is not available on Kafka")
+
+    def close(self) -> None:
+        self.producer.flush(_TIMEOUT_S)
+
+
+class KafkaConsumerImpl:
+    """A read_committed group consumer with explicit commits."""
+
+    def __init__(self, store: str, group: str, topics: Sequence[str], start: str) -> None:
+        self.ck = kafka_module()
+        self.url = KafkaURL.parse(store)
+        self.topics = list(topics)
+        self.consumer = self.ck.Consumer(
+            {
+                "bootstrap.servers": self.url.bootstrap,
+                "group.id": self.url.topic(group),
+                "isolation.level": "read_committed",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest" if start == "earliest" else "latest",
+                "session.timeout.ms": 10_000,
+                "fetch.wait.max.ms": 20,
+            }
+        )
+        self.assigned = False
+
+        def on_assign(c: Any, parts: list[Any]) -> None:
+            self.assigned = True
+
+        self.consumer.subscribe([self.url.topic(t) for t in self.topics], on_assign=on_assign)
+        self._positions: dict[tuple[str, int], int] = {}
+
+    def poll(self, max_records: int, timeout: float) -> list[Record]:
+        msgs = self.consumer.consume(max_records, max(timeout, 0.0))
+        out = []
+        for m in msgs:
+            if m.error():
+                continue
+            headers, eid = decode_headers(m.headers())
+            key = m.key()
+            topic = self.url.strip(m.topic())
+            out.append(
+                Record(
+                    topic,
+                    m.partition(),
+                    m.offset(),
+                    None if key is None else key.decode(errors="replace"),
+                    m.value() or b"",
+                    headers,
+                    m.timestamp()[1] / 1000.0,
+                    eid,
+                )
+            )
+            self._positions[(topic, m.partition())] = m.offset() + 1
+        return out
+
+    def caught_up(self) -> bool:
+        """Assigned, and at the end of every assigned partition."""
+        if not self.assigned:
+            return False
+        for tp in self.consumer.assignment():
+            _, high = self.consumer.get_watermark_offsets(tp, timeout=_TIMEOUT_S, cached=False)
+            pos = self.consumer.position([tp])[0].offset
+            if high > 0 and pos < high:
+                return False
+        return True
+
+    def position(self, topic: str, partition: int) -> int:
+        return self._positions.get((topic, partition), 0)
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        self.consumer.seek(self.ck.TopicPartition(self.url.topic(topic), partition, offset))
+        self._positions[(topic, partition)] = offset
+
+    def commit(self) -> None:
+        if self._positions:
+            self.consumer.commit(
+                offsets=[
+                    self.ck.TopicPartition(self.url.topic(t), p, off)
+                    for (t, p), off in self._positions.items()
+                ],
+                asynchronous=False,
+            )
+
+    def close(self) -> None:
+        self.consumer.close()
