@@ -155,9 +155,9 @@ class Checkpoint:
         s.after_commit()
         for st in self.states.values():
             st.committed()
-        conn: Any = s.store.conn if hasattr(s, "store") else None
+        store_conn: Any = s.store.conn if hasattr(s, "store") else None
         for name, rows in ep.sink_rows.items():
-            self.sinks[name].after_commit(conn, rows)
+            self.sinks[name].after_commit(store_conn, rows)
         n_out = ep.records_out - ep.dead_letters
         self.executor.epoch = Epoch()
         self.hooks.commit_finished(epoch_no, ep.records_in, n_out, time.monotonic() - t0)
