@@ -49,6 +49,14 @@ def store(tmp_path: Path, backend: str, request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
+def store_pair(store: str, backend: str, tmp_path: Path) -> tuple[str, str]:
+    """Two fresh stores of the backend: one for a crashing run, one for the reference."""
+    if backend == "kafka":
+        return (f"{store}-crashed", f"{store}-reference")
+    return (str(tmp_path / "crashed.db"), str(tmp_path / "reference.db"))
+
+
+@pytest.fixture
 def embedded_store(tmp_path: Path) -> str:
     """For tests about the embedded log itself."""
     return str(tmp_path / "store.db")

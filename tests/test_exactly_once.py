@@ -4,7 +4,6 @@ SIGKILL, then compare committed outputs and state with the reference fold."""
 from __future__ import annotations
 
 import json
-import os
 import random
 import sqlite3
 import threading
@@ -58,17 +57,28 @@ def payment_events(n: int, seed: int = 0, crash: str | None = None) -> list[Even
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS[:5])
-def test_single_stage_survives_crashes_at_every_step(point: str, tmp_path: Path) -> None:
+def test_single_stage_survives_crashes_at_every_step(
+    point: str, tmp_path: Path, store_pair: tuple[str, str]
+) -> None:
     report = assert_exactly_once(
-        pipelines.running_sum, amount_events(120, crash=point), workdir=tmp_path
+        pipelines.running_sum,
+        amount_events(120, crash=point),
+        workdir=tmp_path,
+        stores=store_pair,
     )
     assert report.crashes >= 3
 
 
 @pytest.mark.parametrize("point", CRASH_POINTS[:5])
-def test_dedupe_process_and_two_stages_survive_crashes(point: str, tmp_path: Path) -> None:
+def test_dedupe_process_and_two_stages_survive_crashes(
+    point: str, tmp_path: Path, store_pair: tuple[str, str]
+) -> None:
     report = assert_exactly_once(
-        pipelines.payments, payment_events(90, crash=point), workdir=tmp_path, ordered=False
+        pipelines.payments,
+        payment_events(90, crash=point),
+        workdir=tmp_path,
+        ordered=False,
+        stores=store_pair,
     )
     assert report.crashes >= 3
 
@@ -233,4 +243,3 @@ def test_commit_that_fails_rewinds_and_retries(store: str, monkeypatch: pytest.M
     app.store = store
     app.run(until_idle=True)
     assert [json.loads(r.value) for r in read_all(store, "totals")] == list(range(1, 31))
-    assert os.path.exists(store)

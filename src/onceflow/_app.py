@@ -273,11 +273,15 @@ class App:
             settings = Settings.from_env()
             worker = self.worker if self.worker is not None else settings.worker
             state_dir = self.state_dir or settings.state_dir
+            url = KafkaURL.parse(self.store)
             return KafkaSession(
-                KafkaURL.parse(self.store),
+                url,
                 self.name,
                 worker=worker,
-                state_dir=os.path.join(state_dir, self.name, f"worker-{worker}"),
+                # Per namespace: two namespaces' apps of one name must not share stores.
+                state_dir=os.path.join(
+                    state_dir, url.namespace or "_", self.name, f"worker-{worker}"
+                ),
                 commit_interval=self.commit_interval,
                 step_topics=self._step_topics(),
                 topic_partitions=self.partitions,
@@ -373,7 +377,7 @@ class App:
                 ep.records_in >= self.commit_every
                 or time.monotonic() - last_commit >= self.commit_interval
             )
-            if due or (not batches and ep.records_in):
+            if ep.records_in and (due or not batches):
                 try:
                     self._commit(cp, ep)
                     failures = 0

@@ -115,6 +115,8 @@ class Checkpoint:
             try:
                 s.commit(conn)  # 3g
                 committed = True
+            except FencedError:
+                raise
             except Exception as exc:
                 # Step 4's unknown outcome: the store, not a guess, says what happened.
                 committed = s.outcome_of(ep.positions)

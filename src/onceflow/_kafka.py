@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 
 from ._dataflow import topology_problems
-from ._errors import ConfigError, StoreError, TopologyError
+from ._errors import ConfigError, FencedError, StoreError, TopologyError
 from ._kafka_common import (
     KafkaURL,
     decode_headers,
@@ -213,6 +213,7 @@ class KafkaSession:
         self._pending: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
         self._produced: dict[tuple[str, int], int] = {}
         self._positions: dict[tuple[str, int], int] = {}
+        self._eof: set[tuple[str, int]] = set()
         self._sources: list[str] = []
         # Set by the App: commit the epoch in flight before partitions are taken away,
         # forget caches after assignment changes, drop the epoch when partitions are lost.
@@ -220,6 +221,7 @@ class KafkaSession:
         self.assignment_changed: Callable[[], None] = lambda: None
         self.partitions_lost: Callable[[], None] = lambda: None
         self.dead_letter_topic = ""
+        self.fenced = False
 
     # -- names ----------------------------------------------------------------------
 
@@ -232,30 +234,17 @@ class KafkaSession:
     # -- start ----------------------------------------------------------------------
 
     def ensure_topics(self, topics: dict[str, int]) -> None:
-        """Create missing topics: inputs, outputs, dead letters, changelogs, meta."""
-        wanted: dict[str, tuple[int, dict[str, str]]] = {
-            name: (parts, {}) for name, parts in topics.items()
-        }
+        """Create missing topics: inputs, outputs, dead letters, then the changelogs with
+        as many partitions as their input has (which may predate the App)."""
+        self._create({name: (parts, {}) for name, parts in topics.items()})
         compact = {"cleanup.policy": "compact"}
-        for topic in set(self.step_topics.values()):
-            wanted[self.changelog(topic)] = (topics.get(topic, self.default_partitions), compact)
-        wanted[self._meta_topic()] = (1, compact)
-        md = self.admin.list_topics(timeout=TXN_TIMEOUT_S)
-        missing = [
-            self.ck.admin.NewTopic(self.url.topic(name), num_partitions=parts, config=cfg)
-            for name, (parts, cfg) in wanted.items()
-            if self.url.topic(name) not in md.topics
-        ]
-        if missing:
-            for name, fut in self.admin.create_topics(
-                missing, request_timeout=TXN_TIMEOUT_S
-            ).items():
-                try:
-                    fut.result()
-                except self.ck.KafkaException as exc:
-                    if exc.args[0].code() != self.ck.KafkaError.TOPIC_ALREADY_EXISTS:
-                        raise StoreError(f"cannot create topic '{name}': {exc}") from exc
-        self._refresh_metadata(list(wanted))
+        self._create(
+            {
+                self.changelog(topic): (self.partitions_of(topic), compact)
+                for topic in set(self.step_topics.values())
+            }
+            | {self._meta_topic(): (1, compact)}
+        )
         for topic in set(self.step_topics.values()):
             if self.partitions_of(self.changelog(topic)) != self.partitions_of(topic):
                 raise TopologyError(
@@ -264,6 +253,23 @@ class KafkaSession:
                     f"{self.partitions_of(topic)}: they must be co-partitioned. Operator "
                     "action: recreate the changelog with the input's partition count"
                 )
+
+    def _create(self, wanted: dict[str, tuple[int, dict[str, str]]]) -> None:
+        md = self.admin.list_topics(timeout=TXN_TIMEOUT_S)
+        missing = [
+            self.ck.admin.NewTopic(self.url.topic(name), num_partitions=parts, config=cfg)
+            for name, (parts, cfg) in wanted.items()
+            if self.url.topic(name) not in md.topics
+        ]
+        if missing:
+            futures = self.admin.create_topics(missing, request_timeout=TXN_TIMEOUT_S)
+            for name, fut in futures.items():
+                try:
+                    fut.result()
+                except self.ck.KafkaException as exc:
+                    if exc.args[0].code() != self.ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                        raise StoreError(f"cannot create topic '{name}': {exc}") from exc
+        self._refresh_metadata(list(wanted))
 
     def _refresh_metadata(self, names: list[str]) -> None:
         deadline = time.monotonic() + TXN_TIMEOUT_S
@@ -354,6 +360,9 @@ class KafkaSession:
                 "session.timeout.ms": 10_000,
                 "heartbeat.interval.ms": 1_000,
                 "fetch.wait.max.ms": 20,
+                # The end of a partition is known from the fetcher, which steps over
+                # transaction markers; the consumer's position does not.
+                "enable.partition.eof": True,
             }
         )
         self.consumer.subscribe(
@@ -399,6 +408,7 @@ class KafkaSession:
         for tp in partitions:
             topic = self.url.strip(tp.topic)
             key = (topic, tp.partition)
+            self._eof.discard(key)
             if key not in self.assigned:
                 self.assigned.append(key)
             if topic in set(self.step_topics.values()):
@@ -453,6 +463,11 @@ class KafkaSession:
                 f"reading {cl}",
             )
             start = store.next_offset
+            if start > high:
+                # The changelog is shorter than the local copy claims: it was recreated,
+                # or this store belongs elsewhere. The changelog is the truth.
+                store.wipe()
+                start = low
             if start < low:
                 # The local copy is older than what compaction kept: rebuild it whole.
                 store.wipe()
@@ -496,6 +511,7 @@ class KafkaSession:
     def rewind(self) -> dict[tuple[str, int], int]:
         """Back to the last commit: seek every held partition to its committed offset."""
         committed = self.committed_positions()
+        self._eof.clear()
         for (topic, part), off in committed.items():
             # A partition not fetching yet starts from the committed offset anyway.
             with contextlib.suppress(self.ck.KafkaException):
@@ -508,9 +524,11 @@ class KafkaSession:
         for m in msgs:
             if m.error():
                 if m.error().code() == self.ck.KafkaError._PARTITION_EOF:
+                    self._eof.add((self.url.strip(m.topic()), m.partition()))
                     continue
                 raise StoreError(f"Kafka consumer error: {m.error()}")
             topic = self.url.strip(m.topic())
+            self._eof.discard((topic, m.partition()))
             b = by_topic.get(topic)
             if b is None:
                 b = by_topic[topic] = Batch(topic, [], [], [], [], [], [])
@@ -529,35 +547,8 @@ class KafkaSession:
         """`poll` already waits in the consumer."""
 
     def idle(self) -> bool:
-        """Caught up: every held partition's position is at its end."""
-        if not self.assigned:
-            return False
-        for topic, part in self.assigned:
-            tp = self.ck.TopicPartition(self.url.topic(topic), part)
-            _, high = self._watermarks(tp, f"{topic}[{part}]")
-            pos = self._positions.get((topic, part))
-            if pos is None:
-                committed = self.committed_positions().get((topic, part), 0)
-                pos = committed
-            if pos < high:
-                # Transaction markers sit at the end of a topic without being records.
-                if self._only_markers_left(topic, part, pos, high):
-                    continue
-                return False
-        return True
-
-    def _watermarks(self, tp: Any, what: str) -> tuple[int, int]:
-        def get() -> tuple[int, int]:
-            low, high = self.consumer.get_watermark_offsets(tp, timeout=TXN_TIMEOUT_S, cached=False)
-            return int(low), int(high)
-
-        result: tuple[int, int] = _retrying(self.ck, get, f"reading the end of {what}")
-        return result
-
-    def _only_markers_left(self, topic: str, part: int, pos: int, high: int) -> bool:
-        tp = self.ck.TopicPartition(self.url.topic(topic), part)
-        got: int = self.consumer.position([tp])[0].offset
-        return got >= high
+        """Caught up: the fetcher reached the end of every held partition."""
+        return bool(self.assigned) and all(tp in self._eof for tp in self.assigned)
 
     def load_state(self, step: str, pks: list[PartKey]) -> dict[PartKey, Any]:
         return self._load("state", step, pks)
@@ -581,10 +572,41 @@ class KafkaSession:
 
     # -- the commit's operations (called by Checkpoint, in its order) ---------------
 
+    def _fenced(self, exc: BaseException) -> FencedError | None:
+        """A newer producer of this slot, or a newer group generation, took over. The
+        producer must not be recreated: that would fence the rightful owner in turn."""
+        if not isinstance(exc, self.ck.KafkaException):
+            return None
+        err = exc.args[0]
+        fenced = {
+            self.ck.KafkaError._FENCED,
+            self.ck.KafkaError.PRODUCER_FENCED,
+            self.ck.KafkaError.INVALID_PRODUCER_EPOCH,
+            self.ck.KafkaError.FENCED_INSTANCE_ID,
+            self.ck.KafkaError.ILLEGAL_GENERATION,
+            self.ck.KafkaError.UNKNOWN_MEMBER_ID,
+        }
+        if err.code() in fenced:
+            return FencedError(
+                f"app '{self.app}' worker {self.worker} was fenced ({err.str()}): another "
+                "process took over its slot or partitions; this one stops without committing"
+            )
+        return None
+
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except Exception as exc:
+            fenced = self._fenced(exc)
+            if fenced is not None:
+                self.fenced = True
+                raise fenced from exc
+            raise
+
     def begin(self) -> Any:
         self._pending = {}
         self._produced = {}
-        self.producer.begin_transaction()
+        self._guard(self.producer.begin_transaction)
         return self
 
     def check_fence(self, txn: Any) -> None:
@@ -667,25 +689,34 @@ class KafkaSession:
         tps = [
             self.ck.TopicPartition(self.url.topic(t), p, off) for (t, p), off in positions.items()
         ]
-        self.producer.send_offsets_to_transaction(
-            tps, self.consumer.consumer_group_metadata(), TXN_TIMEOUT_S
+        self._guard(
+            lambda: self.producer.send_offsets_to_transaction(
+                tps, self.consumer.consumer_group_metadata(), TXN_TIMEOUT_S
+            )
         )
 
     def commit(self, txn: Any) -> None:
-        self.producer.commit_transaction(TXN_TIMEOUT_S)
+        self._guard(lambda: self.producer.commit_transaction(TXN_TIMEOUT_S))
 
     def rollback(self, txn: Any) -> None:
+        self._pending = {}
+        if self.fenced:
+            return
         try:
             self.producer.abort_transaction(TXN_TIMEOUT_S)
         except Exception as exc:
+            if self._fenced(exc) is not None:
+                self.fenced = True
+                return
             # An abort that fails leaves the transaction's fate to the coordinator; a new
             # producer of the same slot fences the old one and settles it.
             log.warning("abort failed (%s); recreating the producer", exc)
             self._new_producer()
-        self._pending = {}
 
     def outcome_of(self, positions: dict[tuple[str, int], int]) -> bool:
         """After a commit that raised: fence the old producer, then ask the group."""
+        if self.fenced:
+            return False
         self._new_producer()
         committed = self.committed_positions()
         return all(committed.get(tp) == off for tp, off in positions.items())
@@ -715,7 +746,9 @@ class KafkaSession:
             store.close()
         self.local.clear()
         if self.producer is not None:
-            self.producer.flush(5)
+            # A fenced producer raises on flush; closing must not hide why it stopped.
+            with contextlib.suppress(Exception):
+                self.producer.flush(5)
 
     def partition_for(self, key: str | None, partitions: int, fallback: int) -> int:
         return kafka_partition(key, partitions, fallback)

@@ -144,9 +144,11 @@ class KafkaConsumerImpl:
                 "auto.offset.reset": "earliest" if start == "earliest" else "latest",
                 "session.timeout.ms": 10_000,
                 "fetch.wait.max.ms": 20,
+                "enable.partition.eof": True,
             }
         )
         self.assigned = False
+        self._eof: set[tuple[str, int]] = set()
 
         def on_assign(c: Any, parts: list[Any]) -> None:
             self.assigned = True
@@ -159,7 +161,10 @@ class KafkaConsumerImpl:
         out = []
         for m in msgs:
             if m.error():
+                if m.error().code() == self.ck.KafkaError._PARTITION_EOF:
+                    self._eof.add((m.topic(), m.partition()))
                 continue
+            self._eof.discard((m.topic(), m.partition()))
             headers, eid = decode_headers(m.headers())
             key = m.key()
             topic = self.url.strip(m.topic())
@@ -182,12 +187,9 @@ class KafkaConsumerImpl:
         """Assigned, and at the end of every assigned partition."""
         if not self.assigned:
             return False
-        for tp in self.consumer.assignment():
-            _, high = self.consumer.get_watermark_offsets(tp, timeout=_TIMEOUT_S, cached=False)
-            pos = self.consumer.position([tp])[0].offset
-            if high > 0 and pos < high:
-                return False
-        return True
+        # The fetcher's end-of-partition event steps over transaction markers, which
+        # the consumer's position never passes.
+        return all((tp.topic, tp.partition) in self._eof for tp in self.consumer.assignment())
 
     def position(self, topic: str, partition: int) -> int:
         return self._positions.get((topic, partition), 0)

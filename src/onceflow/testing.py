@@ -293,10 +293,19 @@ def assert_exactly_once(
     *,
     workdir: str | os.PathLike[str],
     ordered: bool = True,
+    stores: tuple[str, str] | None = None,
 ) -> Report:
-    """Run with crashes and without, and fail with the differences if effects differ."""
-    crashed = run_with_crashes(make_app(), events, store=os.path.join(workdir, "crashed.db"))
-    expected = reference(make_app(), events, store=os.path.join(workdir, "reference.db"))
+    """Run with crashes and without, and fail with the differences if effects differ.
+
+    The two runs use SQLite files in `workdir`, or the two `stores` given (two Kafka
+    namespaces, say: `("kafka://host:9092/crashed", "kafka://host:9092/reference")`).
+    """
+    crashed_store, reference_store = stores or (
+        os.path.join(workdir, "crashed.db"),
+        os.path.join(workdir, "reference.db"),
+    )
+    crashed = run_with_crashes(make_app(), events, store=crashed_store)
+    expected = reference(make_app(), events, store=reference_store)
     problems = diff(crashed.snapshot, expected, ordered=ordered)
     if problems:
         raise AssertionError(
