@@ -25,7 +25,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
-	bash bench/make_bytewax_venv.sh
+	bash bench/make_baseline_venv.sh bytewax 0.21.1
 	$(BIN)/python bench/bench_embedded.py
 
 bench-quick: $(STAMP)

@@ -252,9 +252,11 @@ def run_profiles(args: argparse.Namespace) -> int:
 
 def run_bytewax(events: int, keys: int, epoch_ms: list[int], runs: int) -> dict[str, Any]:
     """The baseline in its own venv and process; {"results": [...]} or {"error": ...}."""
-    setup = subprocess.run(["bash", str(BENCH_DIR / "make_bytewax_venv.sh")], cwd=REPO)
+    setup = subprocess.run(
+        ["bash", str(BENCH_DIR / "make_baseline_venv.sh"), "bytewax", "0.21.1"], cwd=REPO
+    )
     if setup.returncode != 0:
-        return {"error": f"bench/make_bytewax_venv.sh exited {setup.returncode}"}
+        return {"error": f"bench/make_baseline_venv.sh exited {setup.returncode}"}
     cmd = [
         str(REPO / ".venv-bytewax" / "bin" / "python"),
         str(BENCH_DIR / "bytewax_baseline.py"),

@@ -1,6 +1,7 @@
 """Bytewax 0.21.1 baseline for the keyed running-sum workload.
 
-Run with the interpreter from ``bench/make_bytewax_venv.sh`` (``.venv-bytewax/bin/python``).
+Run with the interpreter from ``bench/make_baseline_venv.sh bytewax 0.21.1``
+(``.venv-bytewax/bin/python``).
 Standalone on purpose: it must not import onceflow, so the two engines never share a process
 or a dependency set.
 
