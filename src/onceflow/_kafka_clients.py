@@ -210,3 +210,55 @@ class KafkaConsumerImpl:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def read_committed(store: str, topic: str, timeout: float = 60.0) -> list[Record]:
+    """Every committed record of a topic, without joining a group: assigned partitions,
+    read to the end (the fetcher's end-of-partition event steps over markers)."""
+    ck = kafka_module()
+    url = KafkaURL.parse(store)
+    c = ck.Consumer(
+        {
+            "bootstrap.servers": url.bootstrap,
+            "group.id": "onceflow-reader",
+            "enable.auto.commit": False,
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+            "fetch.wait.max.ms": 10,
+        }
+    )
+    try:
+        md = c.list_topics(url.topic(topic), timeout=_TIMEOUT_S).topics.get(url.topic(topic))
+        if md is None or md.error is not None or not md.partitions:
+            return []
+        parts = list(md.partitions)
+        c.assign([ck.TopicPartition(url.topic(topic), p, ck.OFFSET_BEGINNING) for p in parts])
+        done: set[int] = set()
+        out: list[Record] = []
+        deadline = time.monotonic() + timeout
+        while len(done) < len(parts) and time.monotonic() < deadline:
+            for m in c.consume(10_000, 0.2):
+                if m.error():
+                    if m.error().code() == ck.KafkaError._PARTITION_EOF:
+                        done.add(m.partition())
+                    continue
+                done.discard(m.partition())
+                headers, eid = decode_headers(m.headers())
+                key = m.key()
+                out.append(
+                    Record(
+                        topic,
+                        m.partition(),
+                        m.offset(),
+                        None if key is None else key.decode(errors="replace"),
+                        m.value() or b"",
+                        headers,
+                        m.timestamp()[1] / 1000.0,
+                        eid,
+                    )
+                )
+        if len(done) < len(parts):
+            raise StoreError(f"reading '{topic}' did not reach its end in {timeout:.0f}s")
+        return sorted(out, key=lambda r: (r.partition, r.offset))
+    finally:
+        c.close()

@@ -19,14 +19,12 @@ chaos`).
 from __future__ import annotations
 
 import os
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._app import App
-from ._consumer import Consumer
 from ._crash import CRASH_POINTS, CrashInjector, SimulatedCrash
 from ._dataflow import STATEFUL
 from ._errors import ConfigError
@@ -192,8 +190,9 @@ def snapshot(app: App, store: str | None = None) -> Snapshot:
 
 
 def _committed(store: str, topic: str) -> list[Record]:
-    with Consumer(store, group=f"onceflow-snapshot-{uuid.uuid4().hex[:8]}", topics=[topic]) as c:
-        return sorted(c, key=lambda r: (r.partition, r.offset))
+    from ._kafka_clients import read_committed
+
+    return read_committed(store, topic)
 
 
 def _kafka_snapshot(app: App, store: str) -> Snapshot:
