@@ -16,23 +16,28 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
+import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from ._app import App
+from ._consumer import Consumer
 from ._crash import CRASH_POINTS
+from ._kafka_common import KafkaURL, is_kafka
 from ._loader import load_app, load_object
 from ._sinks import FileSink
 from ._supervisor import Child
-from .testing import Event, diff, reference, send, snapshot
+from .testing import Event, Snapshot, diff, output_topics, reference, send, snapshot
 
 # How long a child started with a crash point may take to reach it before it is killed
 # anyway: a point the pipeline never passes (no FileSink, say) must not stall the run.
@@ -45,6 +50,7 @@ _DRAIN_TIMEOUT_S = 600.0
 class ChaosResult:
     events: int
     random_kills: int = 0
+    broker_kills: int = 0
     step_kills: list[str] = field(default_factory=list)
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
     seconds: float = 0.0
@@ -77,6 +83,106 @@ def default_events(app: App, n: int, seed: int) -> list[Event]:
     return out
 
 
+class BrokerControl(Protocol):
+    """What chaos needs of a Kafka broker it may crash: a hard kill and a restart."""
+
+    def kill(self) -> None: ...
+
+    def restart(self) -> None: ...
+
+
+class ShellBroker:
+    """A broker killed and started by shell commands (`--broker-kill`, `--broker-start`)."""
+
+    def __init__(self, kill_cmd: str, start_cmd: str) -> None:
+        self.kill_cmd, self.start_cmd = kill_cmd, start_cmd
+
+    def kill(self) -> None:
+        subprocess.run(self.kill_cmd, shell=True, check=True)
+
+    def restart(self) -> None:
+        subprocess.run(self.start_cmd, shell=True, check=True)
+
+
+def _stores(store: str | None, workdir: str) -> tuple[str, str]:
+    """Scratch stores for the crashing run and the reference run, never the user's own."""
+    if store is not None and is_kafka(store):
+        url = KafkaURL.parse(store)
+        tag = uuid.uuid4().hex[:8]
+        ns = f"{url.namespace}." if url.namespace else ""
+        return (
+            f"kafka://{url.bootstrap}/{ns}chaos-{tag}",
+            f"kafka://{url.bootstrap}/{ns}reference-{tag}",
+        )
+    paths = (os.path.join(workdir, "chaos.db"), os.path.join(workdir, "reference.db"))
+    for path in paths:
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.remove(path + suffix)
+    return paths
+
+
+class _Workers:
+    """The App's worker processes: one on the embedded store, one per slot on Kafka."""
+
+    def __init__(self, target: str, store: str, count: int, workdir: str) -> None:
+        self.target, self.store, self.count = target, store, count
+        self.env = {"ONCEFLOW_STATE_DIR": os.path.join(workdir, "state")}
+        self.children: dict[int, Child] = {}
+        self.restarts = 0
+
+    def start(self, slot: int, crash_at: str | None = None, until_idle: bool = False) -> Child:
+        child = Child(
+            self.target,
+            store=self.store,
+            crash_at=crash_at,
+            until_idle=until_idle,
+            env={**self.env, "ONCEFLOW_WORKER": str(slot)},
+        )
+        self.children[slot] = child
+        return child
+
+    def start_all(self) -> None:
+        for slot in range(self.count):
+            self.start(slot)
+
+    def revive(self) -> None:
+        """Restart every worker that died on its own (say, during a broker outage)."""
+        for slot, child in list(self.children.items()):
+            if not child.alive():
+                self.restarts += 1
+                self.start(slot)
+
+    def kill_all(self) -> None:
+        for child in self.children.values():
+            child.kill()
+
+
+class _Monitor(threading.Thread):
+    """A read_committed consumer reading the outputs while the chaos runs: what it sees
+    must never hold an input id more often than the reference does."""
+
+    def __init__(self, store: str, topics: list[str]) -> None:
+        super().__init__(name="chaos-monitor", daemon=True)
+        self.store, self.topics = store, topics
+        # By position: a consumer that reconnects (after a broker restart, a rebalance)
+        # may read a record again, which is not a duplicate in the topic.
+        self.records: dict[tuple[str, int, int], str | None] = {}
+        self.stop_at: float | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            with Consumer(
+                self.store, group=f"chaos-monitor-{uuid.uuid4().hex[:8]}", topics=self.topics
+            ) as c:
+                while self.stop_at is None or time.monotonic() < self.stop_at:
+                    for rec in c.poll(max_records=5000, timeout=0.2):
+                        self.records[(rec.topic, rec.partition, rec.offset)] = rec.id
+        except BaseException as exc:
+            self.error = exc
+
+
 def run_chaos(
     target: str,
     *,
@@ -84,6 +190,10 @@ def run_chaos(
     kills: int,
     seed: int,
     workdir: str,
+    store: str | None = None,
+    workers: int = 1,
+    broker: BrokerControl | None = None,
+    broker_kills: int = 1,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> ChaosResult:
     t0 = time.monotonic()
@@ -96,21 +206,27 @@ def run_chaos(
     )
     result = ChaosResult(events=len(evs))
     os.makedirs(workdir, exist_ok=True)
-    crashed_store = os.path.join(workdir, "chaos.db")
-    ref_store = os.path.join(workdir, "reference.db")
-    for path in (crashed_store, ref_store):
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(path + suffix):
-                os.remove(path + suffix)
+    crashed_store, ref_store = _stores(store, workdir)
+    on_kafka = is_kafka(crashed_store)
+    if not on_kafka:
+        # Two processes of one App on one SQLite store fence each other in turn.
+        workers = 1
+    pool = _Workers(target, crashed_store, workers, workdir)
 
     has_file_sink = any(isinstance(s.fn, FileSink) for s in app._steps if s.kind == "sink")
     points = [p for p in CRASH_POINTS if p != "sink_flush" or has_file_sink]
     plan: list[str | None] = [*points, *([None] * kills)]
+    if broker is not None:
+        plan.extend(["broker"] * broker_kills)
     rng.shuffle(plan)
 
     # The producer runs beside the kills, as in production: sends land while the
     # pipeline is dying and restarting. It sends one chunk as each incarnation starts,
     # so that every incarnation has fresh input to die in the middle of.
+    # Both runs get the App's topics before the first send, so that input topics have
+    # the App's partition count in both and state is partitioned alike.
+    for s in (crashed_store, ref_store):
+        _create_topics(target, s)
     go = threading.Semaphore(0)
     errors: list[BaseException] = []
     chunk = max(1, -(-len(evs) // (len(plan) + 1)))
@@ -129,73 +245,146 @@ def run_chaos(
 
     producer = threading.Thread(target=produce, name="chaos-producer", daemon=True)
     producer.start()
-
+    monitor: _Monitor | None = None
+    if on_kafka:
+        monitor = _Monitor(crashed_store, output_topics(app))
+    pool.start_all()
+    if monitor is not None:
+        monitor.start()
     for point in plan:
         go.release()
+        pool.revive()
+        slot = rng.randrange(workers)
         if point is None:
-            child = Child(target, store=crashed_store)
-            time.sleep(rng.uniform(0.2, 1.2))
-            child.kill()
+            time.sleep(rng.uniform(0.3, 1.5) if on_kafka else rng.uniform(0.2, 1.2))
+            pool.children[slot].kill()
+            pool.start(slot)
             result.random_kills += 1
-            progress(f"random kill {result.random_kills}/{kills}")
+            progress(f"random kill {result.random_kills} (worker {slot})")
+        elif point == "broker":
+            assert broker is not None
+            time.sleep(rng.uniform(0.5, 1.5))
+            broker.kill()
+            progress("broker killed (SIGKILL)")
+            time.sleep(1.0)
+            broker.restart()
+            result.broker_kills += 1
+            progress("broker restarted")
         else:
-            child = Child(target, store=crashed_store, crash_at=f"{point}:{rng.randint(1, 2)}")
+            pool.children[slot].kill()
+            child = pool.start(slot, crash_at=f"{point}:{rng.randint(1, 2)}")
             try:
-                child.wait(_STEP_WAIT_S)
+                child.wait(_STEP_WAIT_S * (3 if on_kafka else 1))
             except Exception:
                 # It never reached the point: kill it anyway, as a random kill.
                 child.kill()
                 result.random_kills += 1
                 progress(f"{point} not reached; killed at random")
+                pool.start(slot)
                 continue
             if child.killed:
                 result.step_kills.append(point)
-                progress(f"killed at {point}")
+                progress(f"killed at {point} (worker {slot})")
             else:
                 _check_exit(child, result)
+            pool.start(slot)
     for _ in range(len(plan) + 2):
         go.release()
     producer.join()
     if errors:
         result.checks.append(("producer sent every event", False, repr(errors[0])))
+        pool.kill_all()
         return result
     progress("draining")
-    final = Child(target, store=crashed_store, until_idle=True)
-    try:
-        code = final.wait(_DRAIN_TIMEOUT_S)
-    except Exception:
-        final.kill()
-        code = -1
-    result.checks.append(
-        ("pipeline drained after the last restart", code == 0, final.stderr()[-500:])
-    )
+    drained = _drain(pool, on_kafka)
+    result.checks.append(("pipeline drained after the last restart", drained[0], drained[1]))
+    if monitor is not None:
+        monitor.stop_at = time.monotonic() + 5.0
+        monitor.join(30)
     progress("reference run")
     expected = reference(load_app(target), evs, store=ref_store)
     actual = snapshot(app, crashed_store)
     ordered = len(app._sources) == 1
     problems = diff(actual, expected, ordered=ordered)
+    _audit(result, actual, expected, problems)
+    if monitor is not None:
+        _audit_monitor(result, monitor, expected)
+        from ._kafka_status import open_transactions
+
+        hanging = open_transactions(crashed_store)
+        result.checks.append(
+            (
+                "no transaction left open",
+                not hanging,
+                ", ".join(f"{t.topic}[{t.partition}]" for t in hanging) or "none",
+            )
+        )
+    audit = _optional(module, "chaos_audit")
+    if audit is not None:
+        result.checks.extend(audit(crashed_store))
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def _create_topics(target: str, store: str) -> None:
+    app = load_app(target)
+    app.store = store
+    session = app._open_session()
+    try:
+        session.ensure_topics(app._topics())
+    finally:
+        session.close()
+
+
+def _drain(pool: _Workers, on_kafka: bool) -> tuple[bool, str]:
+    """Stop the chaos and let the App finish: every worker runs until it is idle; on
+    Kafka a last single worker then picks up anything a worker that left early wrote."""
+    pool.kill_all()
+    finals = [pool.start(slot, until_idle=True) for slot in range(pool.count)]
+    for child in finals:
+        code = _wait(child)
+        if code != 0:
+            return False, child.stderr()[-500:]
+    if on_kafka:
+        last = pool.start(0, until_idle=True)
+        code = _wait(last)
+        if code != 0:
+            return False, last.stderr()[-500:]
+    return True, f"{pool.restarts} workers restarted after dying on their own"
+
+
+def _wait(child: Child) -> int:
+    try:
+        return child.wait(_DRAIN_TIMEOUT_S)
+    except Exception:
+        child.kill()
+        return -1
+
+
+def _audit(result: ChaosResult, actual: Snapshot, expected: Snapshot, problems: list[str]) -> None:
     n_out = sum(len(v) for v in actual.outputs.values())
+    topic_problems = "; ".join(p for p in problems if p.startswith("topic"))
+    state_problems = "; ".join(p for p in problems if p.startswith("state"))
+    dedup_problems = "; ".join(p for p in problems if p.startswith("dedup"))
     result.checks.append(
         (
             "committed outputs equal the reference fold (none lost, none doubled)",
-            not any(p.startswith("topic") for p in problems),
-            "; ".join(p for p in problems if p.startswith("topic"))[:500] or f"{n_out} outputs",
+            not topic_problems,
+            topic_problems[:500] or f"{n_out} outputs",
         )
     )
     result.checks.append(
         (
             "state equals the fold of the committed inputs",
-            not any(p.startswith("state") for p in problems),
-            "; ".join(p for p in problems if p.startswith("state"))[:500]
-            or f"{len(actual.state)} keys",
+            not state_problems,
+            state_problems[:500] or f"{len(actual.state)} keys",
         )
     )
     result.checks.append(
         (
             "dedup ids equal the reference",
-            not any(p.startswith("dedup") for p in problems),
-            "; ".join(p for p in problems if p.startswith("dedup"))
-            or f"{len(actual.dedup_ids)} ids",
+            not dedup_problems,
+            dedup_problems or f"{len(actual.dedup_ids)} ids",
         )
     )
     for topic in sorted({t for t, _ in actual.outputs} | {t for t, _ in expected.outputs}):
@@ -209,11 +398,27 @@ def run_chaos(
                 f"{len(a)} ids, {doubled} doubled, {lost} lost",
             )
         )
-    audit = _optional(module, "chaos_audit")
-    if audit is not None:
-        result.checks.extend(audit(crashed_store))
-    result.seconds = time.monotonic() - t0
-    return result
+
+
+def _audit_monitor(result: ChaosResult, monitor: _Monitor, expected: Snapshot) -> None:
+    if monitor.error is not None:
+        result.checks.append(("read_committed monitor ran", False, repr(monitor.error)))
+        return
+    seen: dict[str, Counter[str | None]] = {t: Counter() for t in monitor.topics}
+    for (topic, _, _), rid in monitor.records.items():
+        seen[topic][rid] += 1
+    doubled = 0
+    for topic, counts in seen.items():
+        want = expected.ids(topic)
+        doubled += sum(1 for i, c in counts.items() if c > want.get(i, 0))
+    result.checks.append(
+        (
+            "a read_committed consumer during the run never saw an id twice",
+            doubled == 0,
+            f"{len(monitor.records)} records seen live, {doubled} ids more often than "
+            "the reference",
+        )
+    )
 
 
 def _check_exit(child: Child, result: ChaosResult) -> None:
@@ -240,7 +445,7 @@ def render(result: ChaosResult, console: Console) -> None:
     console.print(
         f"events sent: {result.events}   random kills: {result.random_kills}   "
         f"kills at protocol steps: {len(result.step_kills)} ({', '.join(result.step_kills)})   "
-        f"time: {result.seconds:.1f}s"
+        f"broker kills: {result.broker_kills}   time: {result.seconds:.1f}s"
     )
     console.print(table)
     console.print("[green]exactly-once holds[/]" if result.ok else "[red]AUDIT FAILED[/]")
@@ -252,11 +457,37 @@ def render(result: ChaosResult, console: Console) -> None:
 @click.option("--kills", default=5, show_default=True, help="SIGKILLs at random moments.")
 @click.option("--seed", default=1, show_default=True, help="Seed of events and kill times.")
 @click.option("--dir", "workdir", default=None, help="Keep the stores here (default: temp).")
-def chaos_command(target: str, events: int, kills: int, seed: int, workdir: str | None) -> None:
+@click.option(
+    "--store",
+    "chaos_store",
+    default=None,
+    help="kafka://HOST:PORT to run on Kafka (scratch namespaces); default: SQLite files.",
+)
+@click.option("--workers", default=2, show_default=True, help="Worker processes (Kafka).")
+@click.option("--broker-kill", default=None, help="Shell command that SIGKILLs the broker.")
+@click.option("--broker-start", default=None, help="Shell command that starts it again.")
+@click.option("--broker-kills", default=1, show_default=True, help="Broker kills (Kafka).")
+def chaos_command(
+    target: str,
+    events: int,
+    kills: int,
+    seed: int,
+    workdir: str | None,
+    chaos_store: str | None,
+    workers: int,
+    broker_kill: str | None,
+    broker_start: str | None,
+    broker_kills: int,
+) -> None:
     """Kill a pipeline repeatedly and audit its committed effects against a reference.
 
-    TARGET is MODULE:APP. Exits 0 only when every check holds.
+    TARGET is MODULE:APP. On Kafka (--store kafka://...), several workers are killed
+    and, given --broker-kill and --broker-start, the broker too. Exits 0 only when
+    every check holds.
     """
+    if (broker_kill is None) != (broker_start is None):
+        raise click.UsageError("--broker-kill and --broker-start go together")
+    broker = ShellBroker(broker_kill, broker_start) if broker_kill and broker_start else None
     console = Console()
     tmp = workdir or tempfile.mkdtemp(prefix="onceflow-chaos-")
     try:
@@ -266,6 +497,10 @@ def chaos_command(target: str, events: int, kills: int, seed: int, workdir: str 
             kills=kills,
             seed=seed,
             workdir=tmp,
+            store=chaos_store,
+            workers=workers,
+            broker=broker,
+            broker_kills=broker_kills,
             progress=lambda msg: console.log(msg),
         )
     finally:
