@@ -26,10 +26,16 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         broker.start()
     except KafkaUnavailable as exc:
         pytest.skip(f"Kafka tests need Java 17 and Maven: {exc}")
+    _BROKERS.append(broker)
     try:
         yield broker
     finally:
+        _BROKERS.remove(broker)
         broker.stop()
+
+
+# The session's broker, so that a failing Kafka test can show the broker's log.
+_BROKERS: list[Any] = []
 
 
 @pytest.fixture(params=BACKENDS)
@@ -97,6 +103,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     """Under CI (ONCEFLOW_REQUIRE_INFRA=1) a skipped Kafka or PostgreSQL test fails."""
     outcome = yield
     report = outcome.get_result()
+    if report.failed and item.get_closest_marker("kafka") and _BROKERS:
+        report.sections.append(("Kafka broker log (tail)", _BROKERS[0].log_tail(60)))
     if (
         report.skipped
         and os.environ.get("ONCEFLOW_REQUIRE_INFRA") == "1"
