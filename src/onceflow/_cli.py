@@ -17,11 +17,14 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 
 from . import __version__
+from . import _kafka_status as kafka
 from ._app import App
 from ._errors import OnceflowError
+from ._kafka_common import is_kafka
 from ._loader import load_app
 from ._records import Record
 from ._settings import ENV_HELP, Settings
@@ -161,8 +164,9 @@ def store_option(fn: F) -> F:
         "--store",
         "store",
         default=None,
-        metavar="PATH",
-        help="Store file; overrides a --store given before the command.",
+        metavar="STORE",
+        help="Store file or kafka://HOST:PORT[/NAMESPACE]; overrides a --store given "
+        "before the command.",
     )(fn)
 
 
@@ -211,8 +215,8 @@ def age(ts: float | None, now: float | None = None) -> str:
     show_default=True,
     envvar="ONCEFLOW_STORE",
     show_envvar=True,
-    metavar="PATH",
-    help="The store file (an embedded SQLite database).",
+    metavar="STORE",
+    help="The store: an embedded SQLite file, or kafka://HOST:PORT[/NAMESPACE].",
 )
 @click.version_option(__version__, prog_name="onceflow")
 @click.pass_context
@@ -238,22 +242,46 @@ def main(argv: list[str] | None = None) -> None:
 @cli.command()
 @click.argument("target", metavar="MODULE:APP")
 @click.option("--until-idle", is_flag=True, help="Stop once every source is drained and committed.")
+@click.option(
+    "--worker",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Kafka: this process's worker slot (its stable transactional id); "
+    "overrides App(worker=) and ONCEFLOW_WORKER.",
+)
 @store_option
 @click.pass_context
-def run(ctx: click.Context, target: str, until_idle: bool, store: str | None) -> None:
+def run(
+    ctx: click.Context, target: str, until_idle: bool, worker: int | None, store: str | None
+) -> None:
     """Run the App at MODULE:APP, e.g. payments:app.
 
     It runs until Ctrl-C or SIGTERM, which make it commit and stop, or with
     --until-idle until every source is drained and committed. The App keeps its own
-    store unless --store or ONCEFLOW_STORE is given.
+    store unless --store or ONCEFLOW_STORE is given. On Kafka, run one process per
+    worker slot (--worker 0, 1, ...).
     """
     app: App = load_app(target)
     path, explicit = resolve_store(ctx, store)
     if explicit:
         app.store = path
+    if worker is not None:
+        if not is_kafka(app.store):
+            # Silently ignoring it would let an operator believe two processes share
+            # the work, when on SQLite the second one fences the first.
+            raise click.UsageError(
+                f"--worker applies to a kafka:// store; app '{app.name}' runs on "
+                f"'{app.store}', where one process runs the app"
+            )
+        app.worker = worker
     stats = app.run(until_idle=until_idle)
+    where = f"store {app.store}"
+    if is_kafka(app.store):
+        slot = app.worker if app.worker is not None else Settings.from_env().worker
+        where += f", worker {slot}"
     click.echo(
-        f"app '{app.name}' (store {app.store}): {stats.records_in} records in, "
+        f"app '{app.name}' ({where}): {stats.records_in} records in, "
         f"{stats.records_out} out, {stats.duplicates} duplicates dropped, "
         f"{stats.dead_letters} dead letters, {stats.commits} commits in {stats.seconds:.2f}s"
     )
@@ -267,8 +295,15 @@ def run(ctx: click.Context, target: str, until_idle: bool, store: str | None) ->
 @store_option
 @click.pass_context
 def topics(ctx: click.Context, as_json_flag: bool, store: str | None) -> None:
-    """List the topics of the store with their partitions and records."""
+    """List the topics of the store with their partitions and records.
+
+    On Kafka: the topics of the store's namespace, with their end offsets (which count
+    transaction markers too, so they are positions rather than record counts).
+    """
     path, _ = resolve_store(ctx, store)
+    if is_kafka(path):
+        _kafka_topics(path, as_json_flag)
+        return
     with open_store(path) as st:
         found = list_topics(st)
     if as_json_flag:
@@ -280,6 +315,25 @@ def topics(ctx: click.Context, as_json_flag: bool, store: str | None) -> None:
     table = Table("topic", "partitions", "records")
     for t in found:
         table.add_row(t.name, str(t.partitions), str(t.records))
+    console().print(table)
+
+
+# A topic with more partitions than this shows only the total of its end offsets.
+_SHOWN_PARTITIONS = 8
+
+
+def _kafka_topics(path: str, as_json_flag: bool) -> None:
+    found = kafka.list_topics(path)
+    if as_json_flag:
+        echo_json(as_json(found))
+        return
+    if not found:
+        click.echo(f"no topics on '{path}'")
+        return
+    table = Table("topic", "partitions", "end offsets", "per partition")
+    for t in found:
+        per = " ".join(map(str, t.end_offsets)) if t.partitions <= _SHOWN_PARTITIONS else "..."
+        table.add_row(t.name, str(t.partitions), str(sum(t.end_offsets)), per)
     console().print(table)
 
 
@@ -322,10 +376,14 @@ def tail(
     """Print the committed records of TOPIC.
 
     Reading never joins a consumer group or moves an offset, so it is safe next to a
-    running App.
+    running App. On Kafka it reads read_committed: records of open or aborted
+    transactions are never shown.
     """
     path, _ = resolve_store(ctx, store)
     show = _print_json if as_json_flag else _print_text
+    if is_kafka(path):
+        _kafka_tail(path, topic, from_beginning, lines, follow, partition, show)
+        return
     with open_store(path) as st:
         parts = tail_partitions(st, topic, partition)
         if from_beginning is None:
@@ -354,6 +412,33 @@ def _follow(
     except KeyboardInterrupt:
         # Ctrl-C is how a follow ends, not a failure.
         return
+
+
+def _kafka_tail(
+    path: str,
+    topic: str,
+    from_beginning: bool | None,
+    lines: int,
+    follow: bool,
+    partition: int | None,
+    show: Callable[[list[Record]], None],
+) -> None:
+    with kafka.KafkaTail(path, topic, partition) as t:
+        if from_beginning is None:
+            show(t.last(lines))
+        elif from_beginning:
+            t.from_beginning()
+        while not t.drained():
+            show(t.poll(FOLLOW_POLL_S))
+        if not follow:
+            return
+        try:
+            while True:
+                # The consumer waits for records itself; no sleep needed.
+                show(t.poll(FOLLOW_POLL_S))
+        except KeyboardInterrupt:
+            # Ctrl-C is how a follow ends, not a failure.
+            return
 
 
 def _print_text(records: list[Record]) -> None:
@@ -387,19 +472,40 @@ def format_record(rec: Record) -> str:
 
 @cli.command("status")
 @click.option("--app", "app_name", metavar="NAME", default=None, help="Only this app.")
+@click.option(
+    "--topic",
+    "topics",
+    multiple=True,
+    metavar="TOPIC",
+    help="Kafka, with --app: also count lag on this source topic (repeatable). Needed only "
+    "for a stateless app before its first commit.",
+)
 @click.option("--json", "as_json_flag", is_flag=True, help="Print JSON instead of tables.")
 @store_option
 @click.pass_context
 def status_command(
-    ctx: click.Context, app_name: str | None, as_json_flag: bool, store: str | None
+    ctx: click.Context,
+    app_name: str | None,
+    topics: tuple[str, ...],
+    as_json_flag: bool,
+    store: str | None,
 ) -> None:
     """Show each app's progress and what it holds in the store.
 
     Per source partition: end and committed offsets, lag, lease epoch and owner. Per
     app: commits, last commit, dead letters, keys held per stateful step (dedup ids
     with the oldest one's age), and undelivered outbox epochs per sink.
+
+    On Kafka: per app, its consumer group, per source partition the end and committed
+    offsets and lag, its stateful steps and changelogs; then every open transaction of
+    the namespace with its age, marked HANGING when older than the transaction timeout.
     """
     path, _ = resolve_store(ctx, store)
+    if topics and not (is_kafka(path) and app_name):
+        raise click.UsageError("--topic needs a kafka:// store and --app NAME")
+    if is_kafka(path):
+        _kafka_status(path, app_name, topics, as_json_flag)
+        return
     with open_store(path) as st:
         apps = status(st, app_name)
     if as_json_flag:
@@ -465,6 +571,98 @@ def _sinks_table(app: AppStatus) -> Table:
     return table
 
 
+def _kafka_status(
+    path: str, app_name: str | None, topics: tuple[str, ...], as_json_flag: bool
+) -> None:
+    found = kafka.status(path, app_name, topics)
+    if as_json_flag:
+        echo_json(as_json(found))
+        return
+    out = console()
+    if not found.apps:
+        out.print(f"no apps on '{path}'", soft_wrap=True)
+    for app in found.apps:
+        _print_kafka_app(out, app)
+    _print_transactions(out, found)
+
+
+def _seconds(s: float) -> str:
+    return age(0.0, s).removesuffix(" ago")
+
+
+def _print_kafka_app(out: Console, app: kafka.KafkaAppStatus) -> None:
+    timeout = _seconds(app.transaction_timeout_seconds)
+    if app.transaction_timeout_assumed:
+        timeout += " (assumed)"
+    dead = (
+        f"dead letters in {app.dead_letter_topic} (end offset {app.dead_letter_end_offset})"
+        if app.dead_letter_end_offset
+        else f"no dead letters in {app.dead_letter_topic}"
+    )
+    out.print(
+        f"app {app.name}: group {app.group} ({(app.group_state or 'none').lower()}), "
+        f"lag {app.lag}, transaction timeout {timeout}, {dead}",
+        soft_wrap=True,
+    )
+    table = Table("topic", "partition", "end", "committed", "lag")
+    for p in app.partitions:
+        table.add_row(
+            p.topic, str(p.partition), str(p.end_offset), _dash(p.committed_offset), str(p.lag)
+        )
+    if app.partitions:
+        out.print(table)
+    else:
+        out.print(
+            "  no source partitions found: a stateless app shows them after its first "
+            "commit, or with --app NAME --topic TOPIC",
+            soft_wrap=True,
+        )
+    if app.steps:
+        steps = Table(
+            "step", "kind", "source", Column("changelog", overflow="fold"), "changelog end"
+        )
+        for s in app.steps:
+            steps.add_row(
+                s.name, s.kind, _dash(s.topic), _dash(s.changelog), str(s.changelog_end_offset)
+            )
+        out.print(steps)
+
+
+def _print_transactions(out: Console, found: kafka.KafkaStatus) -> None:
+    if not found.open_transactions:
+        out.print("no open transactions", soft_wrap=True)
+        return
+    out.print(
+        f"{len(found.open_transactions)} open transaction(s); HANGING: older than the "
+        "transaction timeout of the app writing it, so the broker should have aborted it",
+        soft_wrap=True,
+    )
+    # Topic names fold rather than lose their end: changelogs differ only there.
+    table = Table(
+        Column("topic", overflow="fold"),
+        "partition",
+        "stable",
+        "end",
+        "age",
+        "timeout",
+        Column("app", overflow="fold"),
+        Column("state", no_wrap=True),
+    )
+    for t in found.open_transactions:
+        state = Text("HANGING", style="bold red") if t.hanging else Text("open")
+        table.add_row(
+            t.topic,
+            str(t.partition),
+            str(t.stable_offset),
+            str(t.end_offset),
+            "?" if t.age_seconds is None else _seconds(t.age_seconds),
+            "?" if t.timeout_seconds is None else _seconds(t.timeout_seconds),
+            _dash(t.app),
+            state,
+        )
+    out.print(table)
+
+
 # -- reset ------------------------------------------------------------------------
 
 
@@ -478,8 +676,13 @@ def reset(ctx: click.Context, app: str, yes: bool, store: str | None) -> None:
 
     The next run reprocesses every source from offset 0. Topics and their records
     (outputs and dead letters included) are kept, so outputs are written again.
+
+    Not available on Kafka, where an app's state is also on its workers' disks: run
+    under a new app name or namespace instead.
     """
     path, _ = resolve_store(ctx, store)
+    if is_kafka(path):
+        kafka.refuse_reset(path, app)
     with open_store(path) as st:
         if not yes:
             plan = reset_plan(st, app)
