@@ -327,6 +327,9 @@ class App:
         """What `onceflow status` shows of this App beside its steps."""
         return {
             "guarantee": self.guarantee,
+            "commit_interval": self.commit_interval,
+            "sources": [s.options["topic"] for s in self._sources],
+            "outputs": sorted({s.options["topic"] for s in self._steps if s.kind == "to"}),
             "dead_letter_topic": self.dead_letter_topic,
             "retention": {
                 s.name: {"ttl": s.options["ttl"], "max_keys": s.options["max_keys"]}

@@ -335,11 +335,13 @@ class KafkaSession:
                 + ". Operator action: restore the previous pipeline, or use a new app name "
                 "(or store namespace) to start from empty state"
             )
+        # The config (commit interval, topics, retention) may change between runs; it is
+        # written every start so that `onceflow status` shows the current one.
+        p = self.ck.Producer({"bootstrap.servers": self.url.bootstrap, "acks": "all"})
         if stored is None:
-            p = self.ck.Producer({"bootstrap.servers": self.url.bootstrap, "acks": "all"})
             p.produce(meta, key=b"topology", value=text.encode())
-            p.produce(meta, key=b"config", value=json.dumps(config).encode())
-            p.flush(TXN_TIMEOUT_S)
+        p.produce(meta, key=b"config", value=json.dumps(config).encode())
+        p.flush(TXN_TIMEOUT_S)
 
     def acquire(self, sources: Iterable[str]) -> None:
         self._sources = list(sources)
