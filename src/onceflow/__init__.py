@@ -25,6 +25,7 @@ from ._errors import (
     UserFunctionError,
 )
 from ._hooks import Hooks
+from ._postgres_sink import PostgresSink
 from ._producer import Producer
 from ._records import Record, SendResult
 from ._sinks import CallbackSink, FileSink, Sink, SQLiteTableSink
@@ -43,6 +44,7 @@ __all__ = [
     "Hooks",
     "MissingExtraError",
     "OnceflowError",
+    "PostgresSink",
     "Producer",
     "Record",
     "RunStats",

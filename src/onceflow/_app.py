@@ -226,6 +226,13 @@ class App:
                         if hasattr(sink, "_crash"):
                             sink._crash = crash
                         sink.open(self.name, session.store.conn)
+                        # A sink that recorded offsets ahead of the store (the store was
+                        # restored from a backup, say) is where the stage resumes.
+                        resume = getattr(sink, "committed_positions", None)
+                        if resume is not None:
+                            for tp, off in resume().items():
+                                if tp in positions and off > positions[tp]:
+                                    positions[tp] = off
             executor = Executor(
                 app_name=self.name,
                 dead_letter_topic=self.dead_letter_topic,

@@ -35,7 +35,7 @@ from ._consumer import Consumer
 from ._crash import CRASH_POINTS
 from ._kafka_common import KafkaURL, is_kafka
 from ._loader import load_app, load_object
-from ._sinks import FileSink
+from ._sinks import FileSink, Sink
 from ._supervisor import Child
 from .testing import Event, Snapshot, diff, output_topics, reference, send, snapshot
 
@@ -213,8 +213,12 @@ def run_chaos(
         workers = 1
     pool = _Workers(target, crashed_store, workers, workdir)
 
-    has_file_sink = any(isinstance(s.fn, FileSink) for s in app._steps if s.kind == "sink")
-    points = [p for p in CRASH_POINTS if p != "sink_flush" or has_file_sink]
+    sinks = [s.fn for s in app._steps if s.kind == "sink"]
+    reachable = {
+        "sink_flush": any(isinstance(s, FileSink) for s in sinks),
+        "sink_prepared": any(type(s).prepare is not Sink.prepare for s in sinks),
+    }
+    points = [p for p in CRASH_POINTS if reachable.get(p, True)]
     plan: list[str | None] = [*points, *([None] * kills)]
     if broker is not None:
         plan.extend(["broker"] * broker_kills)

@@ -84,6 +84,8 @@ class Checkpoint:
         t0 = time.monotonic()
         self.crash("before_commit")
         s = self.session
+        if ep.sink_rows:
+            self._prepare_sinks(ep, s)
         conn = s.begin()  # 3a
         committed = False
         try:
@@ -126,6 +128,7 @@ class Checkpoint:
         except BaseException as exc:
             if not committed:
                 s.rollback(conn)
+                self._abort_sinks()
                 self.hooks.commit_failed(epoch_no, exc)
                 self.abort()
                 if isinstance(exc, (FencedError, CommitError, SimulatedCrash)):
@@ -164,6 +167,27 @@ class Checkpoint:
         self.executor.epoch = Epoch()
         self.hooks.commit_finished(epoch_no, ep.records_in, n_out, time.monotonic() - t0)
         return True
+
+    def _prepare_sinks(self, ep: Epoch, s: Any) -> None:
+        """Before 3a: sinks of other systems write and prepare (two-phase commit); the
+        store's transaction then records what they prepared."""
+        try:
+            for name, rows in ep.sink_rows.items():
+                self.sinks[name].prepare(rows, ep.positions, s.fence_token())
+        except BaseException as exc:
+            self._abort_sinks()
+            self.abort()
+            if isinstance(exc, (FencedError, SimulatedCrash)):
+                raise
+            raise CommitError(f"a sink could not prepare the epoch: {exc}") from exc
+        self.crash("sink_prepared")
+
+    def _abort_sinks(self) -> None:
+        for sink in self.sinks.values():
+            try:
+                sink.abort()
+            except Exception as exc:
+                log.warning("sink %s could not abort: %s", sink.name, exc)
 
     def abort(self) -> None:
         """Step 4: forget the epoch; the store's last commit is the only truth."""

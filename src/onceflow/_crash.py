@@ -16,6 +16,7 @@ CRASH_POINTS: tuple[str, ...] = (
     "in_transaction",  # everything is written inside the open transaction, not committed
     "after_commit",  # the transaction is durable, after-commit work not done
     "sink_flush",  # an idempotent sink is half-way through delivering a committed epoch
+    "sink_prepared",  # an external sink prepared its transaction; the store has not committed
 )
 
 

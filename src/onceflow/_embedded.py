@@ -325,6 +325,10 @@ class EmbeddedSession:
         finally:
             self.store.lock.release()
 
+    def fence_token(self) -> int:
+        """This process's epoch for external sinks: every start raises every lease epoch."""
+        return max(self.leases.values(), default=0)
+
     def after_commit(self) -> None:
         """Nothing to catch up: the store itself is the state."""
 

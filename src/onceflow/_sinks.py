@@ -48,6 +48,14 @@ class Sink:
     def open(self, app: str, conn: sqlite3.Connection) -> None:
         """Called once at start, before any epoch; recover anything pending here."""
 
+    def prepare(
+        self, rows: Sequence[Row], positions: dict[tuple[str, int], int], fence: int
+    ) -> None:
+        """Called before the epoch's transaction opens: an external system's first phase."""
+
+    def abort(self) -> None:
+        """Called when the epoch did not commit, after `prepare`."""
+
     def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
         """Called inside the epoch's transaction."""
 
