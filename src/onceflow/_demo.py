@@ -1382,6 +1382,22 @@ def run_demo(
     return result(run_audit(target, live))
 
 
+@contextlib.contextmanager
+def _stderr_to(path: str) -> Iterator[None]:
+    """Point this process's file descriptor 2 at a file for a while: C libraries write
+    there directly, past `sys.stderr`."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(path, "ab") as f:
+            os.dup2(f.fileno(), 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 @dataclass
 class _Slot:
     """One worker slot: its current incarnation, and on Kafka its group membership."""
@@ -1641,9 +1657,12 @@ class _Supervisor:
         t0 = time.monotonic()
         self.outage_until = math.inf
         try:
-            self.broker.kill()
-            time.sleep(BROKER_DOWN_S)
-            self.broker.restart()
+            # onceflow.Consumer (the live reader, in this process) has librdkafka print
+            # every failed connection to stderr, 20 lines a second; they go to a file.
+            with _stderr_to(self.outage_log):
+                self.broker.kill()
+                time.sleep(BROKER_DOWN_S)
+                self.broker.restart()
         except Exception as exc:
             self.error = f"the broker could not be killed and restarted: {exc}"
             return False
@@ -1652,6 +1671,10 @@ class _Supervisor:
         self.outage_until = time.monotonic() + OUTAGE_GRACE_S
         self.say(f"broker back after {took:.1f} s")
         return True
+
+    @property
+    def outage_log(self) -> str:
+        return os.path.join(os.path.dirname(self.state_dir), "broker-outage.stderr.log")
 
     def _stop_workers(self) -> bool:
         """SIGTERM every worker at once (each commits and exits), then wait for each.

@@ -415,7 +415,8 @@ class KafkaSession:
                 self.assigned.append(key)
             if topic in set(self.step_topics.values()):
                 restored += self._restore(topic, tp.partition)
-        self.assignment_changed()
+        # Caches are not touched here: partitions held before are still held, and the
+        # state of new ones was never cached (a revoke drops caches in `_drop`).
         if partitions:
             log.info(
                 "worker %d assigned %s; restored %d changelog records in %.2fs",
