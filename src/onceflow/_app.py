@@ -324,8 +324,10 @@ class App:
             # Called after partitions went away, once their epoch was committed (revoke)
             # or dropped (lost). Anything still uncommitted here would lose its state
             # and dedup changes while its outputs went on: drop the whole epoch instead.
-            if executor.epoch.records_in or any(st.dirty for st in cp.states.values()) or any(
-                d.new for d in cp.dedups.values()
+            if (
+                executor.epoch.records_in
+                or any(st.dirty for st in cp.states.values())
+                or any(d.new for d in cp.dedups.values())
             ):
                 log.error("assignment changed with an uncommitted epoch; dropping it")
                 cp.abort()
