@@ -38,6 +38,39 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 _BROKERS: list[Any] = []
 
 
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """One real PostgreSQL server (throwaway cluster, loopback) for the whole session."""
+    from infra.postgres import PostgresServer, PostgresUnavailable
+
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"))
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"PostgreSQL tests need the postgresql package: {exc}")
+    _PG_SERVERS.append(server)
+    try:
+        yield server
+    finally:
+        _PG_SERVERS.remove(server)
+        server.close()
+
+
+# The session's server, so that a failing PostgreSQL test can show the server's log.
+_PG_SERVERS: list[Any] = []
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh database per test (the sink's tables and pg_prepared_xacts are per
+    database), also in ONCEFLOW_POSTGRES_URL for PostgresSink and child processes."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    url = postgres_server.create_database(name)
+    monkeypatch.setenv("ONCEFLOW_POSTGRES_URL", url)
+    yield url
+    postgres_server.drop_database(name)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
@@ -105,6 +138,8 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = outcome.get_result()
     if report.failed and item.get_closest_marker("kafka") and _BROKERS:
         report.sections.append(("Kafka broker log (tail)", _BROKERS[0].log_tail(60)))
+    if report.failed and item.get_closest_marker("postgres") and _PG_SERVERS:
+        report.sections.append(("PostgreSQL server log (tail)", _PG_SERVERS[0].log_tail(60)))
     if (
         report.skipped
         and os.environ.get("ONCEFLOW_REQUIRE_INFRA") == "1"

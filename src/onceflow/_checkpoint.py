@@ -138,7 +138,10 @@ class Checkpoint:
                     "rewound to the last commit"
                 ) from exc
             raise
-        if not self.exactly_once:
+        if not self.exactly_once and hasattr(s, "commit_offsets"):
+            # At-least-once on Kafka: offsets through the group after the transaction.
+            s.commit_offsets(ep.positions)
+        elif not self.exactly_once:
             # At-least-once: offsets follow in their own transaction, so a crash between
             # the two replays the epoch. This is the guarantee-off baseline.
             conn = s.begin()

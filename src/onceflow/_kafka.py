@@ -214,6 +214,7 @@ class KafkaSession:
         self._produced: dict[tuple[str, int], int] = {}
         self._positions: dict[tuple[str, int], int] = {}
         self._eof: set[tuple[str, int]] = set()
+        self._wrote_inputs: set[tuple[str, int]] = set()
         self._sources: list[str] = []
         # Set by the App: commit the epoch in flight before partitions are taken away,
         # forget caches after assignment changes, drop the epoch when partitions are lost.
@@ -388,6 +389,9 @@ class KafkaSession:
                 "enable.idempotence": True,
                 "transaction.timeout.ms": transaction_timeout_ms(self.commit_interval),
                 "linger.ms": 2,
+                # The coordinator answers CONCURRENT_TRANSACTIONS right after a commit;
+                # the default 100 ms backoff would then delay every next epoch.
+                "retry.backoff.ms": 10,
                 "batch.num.messages": 10_000,
                 "queue.buffering.max.messages": 2_000_000,
                 "queue.buffering.max.kbytes": 1_048_576,
@@ -522,7 +526,8 @@ class KafkaSession:
         return committed
 
     def poll(self, positions: dict[tuple[str, int], int], max_records: int) -> list[Batch]:
-        msgs = self.consumer.consume(max_records, 0.05)
+        # A short wait: under steady input a long one would hold every epoch back by it.
+        msgs = self.consumer.consume(max_records, 0.01)
         by_topic: dict[str, Batch] = {}
         for m in msgs:
             if m.error():
@@ -642,6 +647,9 @@ class KafkaSession:
                 self.producer.poll(0.05)
 
     def write_outputs(self, txn: Any, outputs: dict[tuple[str, int], Columns]) -> None:
+        # Writing to one of our own inputs (a `through` topic) makes its end-of-partition
+        # flags stale once committed: the App is not idle until it read what it wrote.
+        self._wrote_inputs = {tp for tp, cols in outputs.items() if tp[0] in self._sources}
         for (topic, part), cols in outputs.items():
             hdrs = cols.headers
             for i in range(len(cols)):
@@ -698,6 +706,16 @@ class KafkaSession:
             )
         )
 
+    def commit_offsets(self, positions: dict[tuple[str, int], int]) -> None:
+        """At-least-once: offsets through the group, after the outputs' transaction."""
+        self.consumer.commit(
+            offsets=[
+                self.ck.TopicPartition(self.url.topic(t), p, off)
+                for (t, p), off in positions.items()
+            ],
+            asynchronous=False,
+        )
+
     def commit(self, txn: Any) -> None:
         self._guard(lambda: self.producer.commit_transaction(TXN_TIMEOUT_S))
 
@@ -726,6 +744,11 @@ class KafkaSession:
 
     def after_commit(self) -> None:
         """The epoch is durable in Kafka: bring the local stores up to it."""
+        if self._wrote_inputs:
+            # Only partitions that got records: the others' end did not move, and their
+            # end-of-partition event would not come again.
+            self._eof -= self._wrote_inputs
+            self._wrote_inputs = set()
         self.producer.poll(0)
         for (topic, part), records in self._pending.items():
             store = self.local.get((topic, part))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -89,6 +90,12 @@ def kafka_partition(key: str | None, partitions: int, fallback: int) -> int:
     """Java's default partitioner for keyed records; the input's partition otherwise."""
     if key is None:
         return fallback % partitions
+    return _keyed_partition(key, partitions)
+
+
+@functools.lru_cache(maxsize=200_000)
+def _keyed_partition(key: str, partitions: int) -> int:
+    # murmur2 in Python costs microseconds; keys repeat, so it is computed once each.
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
