@@ -72,3 +72,32 @@ def nondeterministic() -> App:
 
 
 nondeterministic_app = nondeterministic()
+
+
+def _ledger_rows(cur: object, rows: list[tuple[object, object, tuple[str, int, int, int]]]) -> None:
+    """A user function running SQL inside the sink's transaction."""
+    for _, value, row_id in rows:
+        cur.execute(  # type: ignore[attr-defined]
+            "INSERT INTO ledger(row_id, account, amount) VALUES (%s, %s, %s)",
+            ("/".join(map(str, row_id)), value["k"], value["n"]),
+        )
+
+
+def to_postgres() -> App:
+    """Totals upserted into PostgreSQL and every input appended to a ledger, beside a topic."""
+    from onceflow import PostgresSink
+
+    app = App("pg", partitions=2, **SMALL)  # type: ignore[arg-type]
+    src = app.source("amounts")
+    totals = src.reduce(name="total", fn=lambda a, v: a + v["n"], initial=0)
+    totals.to("totals")
+    src.map(lambda v: {"k": v.get("k", ""), "n": v["n"]}).sink(
+        PostgresSink(fn=_ledger_rows, name="ledger")
+    )
+    src.key_by(lambda v: v.get("k", "")).map(lambda v: v).sink(
+        PostgresSink(table="seen", key=["k"], columns=["k", "n"], name="seen")
+    )
+    return app
+
+
+to_postgres_app = to_postgres()

@@ -131,6 +131,14 @@ class PostgresSink(Sink):
             )
         for stmt in SCHEMA:
             pg.execute(stmt)
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS sink_txns(app TEXT NOT NULL, sink TEXT NOT NULL, "
+            "gid TEXT NOT NULL, PRIMARY KEY(app, sink)) WITHOUT ROWID"
+        )
+        # First: an in-doubt prepared transaction holds row locks (on the epoch row, say)
+        # that anything below would wait on forever.
+        self._gid = None
+        self.recover(conn)
         pg.execute(
             "INSERT INTO onceflow_sink_epochs(app, sink, epoch) VALUES(%s, %s, 0) "
             "ON CONFLICT DO NOTHING",
@@ -138,11 +146,6 @@ class PostgresSink(Sink):
         )
         if self.table is not None:
             self._check_table(pg)
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS sink_txns(app TEXT NOT NULL, sink TEXT NOT NULL, "
-            "gid TEXT NOT NULL, PRIMARY KEY(app, sink)) WITHOUT ROWID"
-        )
-        self.recover(conn)
 
     def _check_table(self, pg: Any) -> None:
         assert self.table is not None

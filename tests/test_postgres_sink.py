@@ -1,0 +1,189 @@
+"""PostgresSink: exactly-once into a real PostgreSQL by two-phase commit with the store,
+crashing at every step (between PREPARE and COMMIT PREPARED included)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from onceflow import ConfigError, FencedError, PostgresSink, StoreError
+from onceflow._crash import CRASH_POINTS
+from onceflow._supervisor import Child
+from onceflow.testing import Crash, Event, run_with_crashes, send
+
+from . import pipelines
+
+pytestmark = pytest.mark.postgres
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def events(n: int, crash: str | None = None, seed: int = 0) -> list[Event | Crash]:
+    rng = random.Random(seed)
+    out: list[Event | Crash] = []
+    for i in range(n):
+        k = f"k{rng.randrange(5)}"
+        out.append(Event("amounts", {"k": k, "n": rng.randint(1, 9)}, key=k, id=f"e{i}"))
+        if crash and i % 11 == 5:
+            out.append(Crash(crash, nth=rng.randint(1, 2)))
+    return out
+
+
+def create_tables(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as c:
+        c.execute("CREATE TABLE ledger(row_id text PRIMARY KEY, account text, amount int)")
+        c.execute("CREATE TABLE seen(k text PRIMARY KEY, n int)")
+
+
+def tables(url: str) -> tuple[list[Any], list[Any], list[Any]]:
+    with psycopg.connect(url, autocommit=True) as c:
+        ledger = c.execute("SELECT row_id, account, amount FROM ledger ORDER BY 1").fetchall()
+        seen = c.execute("SELECT k, n FROM seen ORDER BY 1").fetchall()
+        prepared = c.execute("SELECT gid FROM pg_prepared_xacts").fetchall()
+    return ledger, seen, prepared
+
+
+@pytest.fixture
+def two_dbs(postgres_server: Any) -> Any:
+    import uuid
+
+    names = [f"c{uuid.uuid4().hex[:8]}", f"r{uuid.uuid4().hex[:8]}"]
+    urls = [postgres_server.create_database(n) for n in names]
+    for u in urls:
+        create_tables(u)
+    yield urls
+    for n in names:
+        postgres_server.drop_database(n)
+
+
+@pytest.mark.parametrize("point", [*CRASH_POINTS[:5], "sink_prepared"])
+def test_every_input_once_in_postgres_through_crashes(
+    point: str, two_dbs: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    crashed_url, reference_url = two_dbs
+    evs = events(60, crash=point)
+    monkeypatch.setenv("ONCEFLOW_POSTGRES_URL", crashed_url)
+    report = run_with_crashes(pipelines.to_postgres(), evs, store=tmp_path / "c.db")
+    monkeypatch.setenv("ONCEFLOW_POSTGRES_URL", reference_url)
+    run_with_crashes(
+        pipelines.to_postgres(), [e for e in evs if isinstance(e, Event)], store=tmp_path / "r.db"
+    )
+    assert report.crashes >= 3
+    got, want = tables(crashed_url), tables(reference_url)
+    assert len(got[0]) == 60
+    assert got[0] == want[0] and got[1] == want[1]
+    assert got[2] == []  # no prepared transaction left behind
+
+
+@pytest.mark.parametrize("point", ["sink_prepared", "in_transaction", "after_commit"])
+def test_real_sigkill_between_prepare_and_commit_prepared(
+    point: str, postgres_url: str, tmp_path: Path
+) -> None:
+    create_tables(postgres_url)
+    store = str(tmp_path / "kill.db")
+    evs = [e for e in events(120, seed=4) if isinstance(e, Event)]
+    killed = 0
+    env = {"ONCEFLOW_POSTGRES_URL": postgres_url}
+    for i, start in enumerate(range(0, len(evs), 30)):
+        send(store, evs[start : start + 30])
+        child = Child(
+            "tests.pipelines:to_postgres_app",
+            store=store,
+            until_idle=True,
+            crash_at=f"{point}:{1 + i % 2}",
+            env=env,
+            cwd=str(ROOT),
+        )
+        assert child.wait(60) in (0, -9), child.stderr()
+        killed += child.killed
+        # Right after a kill, before recovery: at most this epoch's prepared transaction.
+        assert len(tables(postgres_url)[2]) <= 2
+    final = Child(
+        "tests.pipelines:to_postgres_app", store=store, until_idle=True, env=env, cwd=str(ROOT)
+    )
+    assert final.wait(60) == 0, final.stderr()
+    assert killed >= 2
+    ledger, _, prepared = tables(postgres_url)
+    assert len(ledger) == 120 and prepared == []
+
+
+def test_a_zombie_epoch_is_refused_inside_postgres(postgres_url: str, tmp_path: Path) -> None:
+    create_tables(postgres_url)
+    conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    new, old = (
+        PostgresSink(table="seen", key=["k"], columns=["k", "n"]),
+        PostgresSink(table="seen", key=["k"], columns=["k", "n"]),
+    )
+    for s in (new, old):
+        s.open("app", conn)
+    rows = [("k", {"k": "k", "n": 1}, ("t", 0, 0, 0))]
+    new.prepare(rows, {("t", 0): 1}, fence=7)
+    new.after_commit(conn, rows)
+    stale = [("k", {"k": "k", "n": 99}, ("t", 0, 0, 0))]
+    with pytest.raises(FencedError, match="higher epoch than 3"):
+        old.prepare(stale, {("t", 0): 1}, fence=3)
+    assert tables(postgres_url)[1] == [("k", 1)] and tables(postgres_url)[2] == []
+
+
+def test_resumes_from_postgres_offsets_when_they_are_ahead(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    create_tables(postgres_url)
+    store = tmp_path / "s.db"
+    evs = [e for e in events(40) if isinstance(e, Event)]
+    send(str(store), evs[:20])
+    app = pipelines.to_postgres()
+    app.store = str(store)
+    app.run(until_idle=True)
+    backup = tmp_path / "backup.db"
+    shutil.copy(store, backup)
+    send(str(store), evs[20:])
+    app.run(until_idle=True)
+    # The store comes back from an older backup; the records since were lost from it,
+    # so they are sent again, and PostgreSQL's offsets say the first 20 are done.
+    for suffix in ("-wal", "-shm"):
+        Path(str(store) + suffix).unlink(missing_ok=True)
+    shutil.copy(backup, store)
+    send(str(store), evs[20:])
+    app.run(until_idle=True)
+    assert len(tables(postgres_url)[0]) == 40
+
+
+def test_clear_errors(postgres_url: str, tmp_path: Path) -> None:
+    conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    with pytest.raises(ConfigError, match="does not exist"):
+        PostgresSink(postgres_url, table="nope", key=["a"], columns=["a"]).open("app", conn)
+    with psycopg.connect(postgres_url, autocommit=True) as c:
+        c.execute("CREATE TABLE partial(a text PRIMARY KEY)")
+    with pytest.raises(ConfigError, match=r"no columns \['b'\]"):
+        PostgresSink(postgres_url, table="partial", key=["a"], columns=["a", "b"]).open("a", conn)
+    with pytest.raises(ConfigError, match="not a plain identifier"):
+        PostgresSink(postgres_url, table="x; DROP TABLE y", key=["a"], columns=["a"])
+    with pytest.raises(ConfigError, match="either table="):
+        PostgresSink(postgres_url)
+    bad = "postgresql://someone:s3cret-password@127.0.0.1:1/db"
+    with pytest.raises(StoreError) as err:
+        PostgresSink(bad, table="t", key=["a"], columns=["a"]).open("app", conn)
+    assert "s3cret-password" not in str(err.value) and "***" in str(err.value)
+
+
+def test_max_prepared_transactions_zero_is_refused(tmp_path: Path) -> None:
+    from infra.postgres import PostgresServer, PostgresUnavailable
+
+    server = PostgresServer(tmp_path / "pg0", settings={"max_prepared_transactions": 0})
+    try:
+        server.start()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"PostgreSQL tests need the postgresql package: {exc}")
+    try:
+        conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+        sink = PostgresSink(server.url, table="t", key=["a"], columns=["a"])
+        with pytest.raises(ConfigError, match="max_prepared_transactions"):
+            sink.open("app", conn)
+    finally:
+        server.close()
