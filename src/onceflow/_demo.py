@@ -1567,6 +1567,12 @@ class _Supervisor:
             return False
         finished = producer_rc == 0 and drained
         now = time.monotonic()
+        if os.environ.get("DEMO_TRACE") and now - getattr(self, "_tr", 0) > 2:
+            self._tr = now
+            mem = self.probe.members() if isinstance(self.probe, _KafkaProbe) else {}
+            print("TRACE", round(now, 1), processed, drained, producer_rc, self._pending(),
+                  [(s.index, s.child.alive() if s.child else None, s.up, s.member, s.member_before, s.armed) for s in self.slots],
+                  mem, file=sys.stderr, flush=True)
         for slot in self.slots:
             assert slot.child is not None
             if slot.child.alive():
