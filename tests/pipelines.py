@@ -101,3 +101,16 @@ def to_postgres() -> App:
 
 
 to_postgres_app = to_postgres()
+
+
+def charges() -> App:
+    """Each payment becomes one HTTP charge through the effect journal."""
+    from onceflow import HttpEffectSink
+
+    url = os.environ.get("ONCEFLOW_TEST_HTTP", "http://127.0.0.1:9/charges")
+    app = App("charges", partitions=2, **SMALL)  # type: ignore[arg-type]
+    app.source("payments").sink(HttpEffectSink(url, name="charges", retries=2, backoff=0.01))
+    return app
+
+
+charges_app = charges()

@@ -13,6 +13,7 @@ app.run()
 from ._app import App, RunStats
 from ._consumer import Consumer
 from ._dataflow import Stream
+from ._effects import EffectSink, HttpEffectSink, PermanentError
 from ._errors import (
     CommitError,
     ConfigError,
@@ -39,11 +40,14 @@ __all__ = [
     "CommitError",
     "ConfigError",
     "Consumer",
+    "EffectSink",
     "FencedError",
     "FileSink",
     "Hooks",
+    "HttpEffectSink",
     "MissingExtraError",
     "OnceflowError",
+    "PermanentError",
     "PostgresSink",
     "Producer",
     "Record",

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from ._checkpoint import Checkpoint
 from ._crash import CrashInjector, from_env
 from ._dataflow import STATEFUL, Step, Stream, signature, validate
+from ._effects import EffectSink
 from ._embedded import EmbeddedSession
 from ._errors import CommitError, ConfigError, SinkGuaranteeError
 from ._hooks import Hooks, _Fanout
@@ -225,6 +226,9 @@ class App:
                     for sink in sinks.values():
                         if hasattr(sink, "_crash"):
                             sink._crash = crash
+                        if isinstance(sink, EffectSink):
+                            sink._store = session.store
+                            sink._dead_letter_topic = self.dead_letter_topic
                         sink.open(self.name, session.store.conn)
                         # A sink that recorded offsets ahead of the store (the store was
                         # restored from a backup, say) is where the stage resumes.

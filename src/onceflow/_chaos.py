@@ -33,6 +33,7 @@ from rich.table import Table
 from ._app import App
 from ._consumer import Consumer
 from ._crash import CRASH_POINTS
+from ._effects import EffectSink
 from ._kafka_common import KafkaURL, is_kafka
 from ._loader import load_app, load_object
 from ._sinks import FileSink, Sink
@@ -217,6 +218,7 @@ def run_chaos(
     reachable = {
         "sink_flush": any(isinstance(s, FileSink) for s in sinks),
         "sink_prepared": any(type(s).prepare is not Sink.prepare for s in sinks),
+        "effect_called": any(isinstance(s, EffectSink) for s in sinks),
     }
     points = [p for p in CRASH_POINTS if reachable.get(p, True)]
     plan: list[str | None] = [*points, *([None] * kills)]

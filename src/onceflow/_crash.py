@@ -17,6 +17,7 @@ CRASH_POINTS: tuple[str, ...] = (
     "after_commit",  # the transaction is durable, after-commit work not done
     "sink_flush",  # an idempotent sink is half-way through delivering a committed epoch
     "sink_prepared",  # an external sink prepared its transaction; the store has not committed
+    "effect_called",  # a journalled effect was called; its response is not journalled yet
 )
 
 

@@ -1,0 +1,206 @@
+"""The effect journal: side effects on systems without transactions (an HTTP payment API,
+e-mail), applied once through idempotency keys.
+
+Per epoch, inside the store's transaction, each intent is journalled with a
+deterministic idempotency key. After the commit the call is made with that key, and its
+response journalled. After a crash, pending intents are sent again with the same key,
+never a new one, so a server that honours idempotency keys applies each effect once.
+A permanent failure (the server refuses the request) becomes a dead letter; a transient
+one (timeout, 5xx, 429) is retried with backoff, and stays pending across restarts.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ._errors import ConfigError
+from ._records import Columns
+from ._serde import encode_value
+from ._sinks import Row, Sink
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS effects(app TEXT NOT NULL, sink TEXT NOT NULL, "
+    "seq INTEGER NOT NULL, key TEXT NOT NULL, payload BLOB NOT NULL, status TEXT NOT NULL, "
+    "attempts INTEGER NOT NULL DEFAULT 0, response BLOB, error TEXT, "
+    "PRIMARY KEY(app, sink, seq)) WITHOUT ROWID"
+)
+
+
+class PermanentError(Exception):
+    """Raised by an effect call that must not be retried (the request itself is wrong)."""
+
+
+class EffectSink(Sink):
+    """Calls `call(payload, idempotency_key)` once per output, through the journal.
+
+    `call` returns a JSON-able response (journalled), raises `PermanentError` for a
+    request that will never succeed (a dead letter), or raises anything else for a
+    transient failure (retried `retries` times with exponential backoff from `backoff`
+    seconds, then left pending for the next epoch or restart).
+    """
+
+    guarantee = "idempotent"
+
+    def __init__(
+        self,
+        call: Callable[[Any, str], Any],
+        *,
+        name: str,
+        retries: int = 3,
+        backoff: float = 0.2,
+    ) -> None:
+        if not callable(call):
+            raise ConfigError("EffectSink needs a function call(payload, idempotency_key)")
+        if retries < 0 or backoff < 0:
+            raise ConfigError("EffectSink: retries and backoff must not be negative")
+        self.call = call
+        self.name = name
+        self.retries = retries
+        self.backoff = backoff
+        self._app = ""
+        self._dead_letter_topic = ""
+        self._crash: Callable[[str], None] = lambda point: None
+        # Set by the App: the store and its dead-letter topic.
+        self._store: Any = None
+
+    def open(self, app: str, conn: sqlite3.Connection) -> None:
+        self._app = app
+        conn.execute(_SCHEMA)
+        self._deliver(conn)
+
+    def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+        """Journal the intents inside the epoch's transaction."""
+        (last,) = conn.execute(
+            "SELECT COALESCE(MAX(seq), -1) FROM effects WHERE app=? AND sink=?",
+            (self._app, self.name),
+        ).fetchone()
+        conn.executemany(
+            "INSERT INTO effects(app, sink, seq, key, payload, status) VALUES(?,?,?,?,?,'pending')",
+            [
+                (self._app, self.name, last + 1 + i, self._key(row_id), encode_value(value))
+                for i, (_, value, row_id) in enumerate(rows)
+            ],
+        )
+
+    def _key(self, row_id: tuple[str, int, int, int]) -> str:
+        # Deterministic: the same output of the same input always gets the same key.
+        topic, part, off, idx = row_id
+        return f"{self._app}:{self.name}:{topic}:{part}:{off}:{idx}"
+
+    def after_commit(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+        self._deliver(conn)
+
+    def _deliver(self, conn: sqlite3.Connection) -> None:
+        """Call every pending intent in order, journalling each outcome."""
+        pending = conn.execute(
+            "SELECT seq, key, payload FROM effects WHERE app=? AND sink=? AND status='pending' "
+            "ORDER BY seq",
+            (self._app, self.name),
+        ).fetchall()
+        for seq, key, payload in pending:
+            status, response, error = self._call(json.loads(payload), key)
+            self._crash("effect_called")
+            if status == "pending":
+                # Still failing: left for the next epoch or restart, same key.
+                conn.execute(
+                    "UPDATE effects SET attempts=attempts+1, error=? WHERE app=? AND sink=? "
+                    "AND seq=?",
+                    (error, self._app, self.name, seq),
+                )
+                return
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(
+                "UPDATE effects SET status=?, response=?, error=?, attempts=attempts+1 "
+                "WHERE app=? AND sink=? AND seq=?",
+                (status, response, error, self._app, self.name, seq),
+            )
+            if status == "dead":
+                self._dead_letter(conn, key, payload, error or "")
+            conn.execute("COMMIT")
+
+    def _dead_letter(self, conn: sqlite3.Connection, key: str, payload: bytes, error: str) -> None:
+        """A refused effect, with its payload and error, in the same transaction."""
+        if self._store is None or not self._dead_letter_topic:
+            return
+        found = self._store.topic(self._dead_letter_topic)
+        if found is None:
+            return
+        headers = {
+            "onceflow-error": error[:2000],
+            "onceflow-step": self.name,
+            "onceflow-app": self._app,
+        }
+        self._store.append(
+            conn, found[0], 0, Columns([None], [payload], [headers], [time.time()], [key])
+        )
+
+    def _call(self, payload: Any, key: str) -> tuple[str, bytes | None, str | None]:
+        delay = self.backoff
+        error = ""
+        for attempt in range(self.retries + 1):
+            try:
+                response = self.call(payload, key)
+                return "done", encode_value(response), None
+            except PermanentError as exc:
+                return "dead", None, f"{type(exc).__name__}: {exc}"
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if attempt < self.retries:
+                    time.sleep(delay)
+                    delay *= 2
+        return "pending", None, error
+
+
+class HttpEffectSink(EffectSink):
+    """POSTs each output as JSON to `url` with an `Idempotency-Key` header.
+
+    A 2xx response is journalled; 4xx other than 408, 409 and 429 is permanent (a dead
+    letter); anything else (5xx, timeouts, refused connections) is retried.
+
+        >>> stream.sink(HttpEffectSink("https://payments.internal/charges", name="charges"))
+        ...                                                              # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        method: str = "POST",
+        headers: Mapping[str, str] | None = None,
+        timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+    ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"HttpEffectSink needs an http(s) URL, got {url!r}")
+        self.url = url
+        self.method = method
+        self.headers = dict(headers or {})
+        self.timeout = timeout
+        super().__init__(self._post, name=name, retries=retries, backoff=backoff)
+
+    def _post(self, payload: Any, key: str) -> Any:
+        req = urllib.request.Request(
+            self.url,
+            data=json.dumps(payload).encode(),
+            method=self.method,
+            headers={"Content-Type": "application/json", "Idempotency-Key": key, **self.headers},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                body = resp.read()
+        except urllib.error.HTTPError as exc:
+            if 400 <= exc.code < 500 and exc.code not in (408, 409, 429):
+                raise PermanentError(f"HTTP {exc.code} from {self.url}") from exc
+            raise
+        try:
+            return json.loads(body) if body else None
+        except ValueError:
+            return body.decode(errors="replace")
