@@ -10,10 +10,10 @@ from typing import Any
 from ._errors import ConfigError, StoreError
 from ._kafka_common import (
     KafkaURL,
-    decode_headers,
     encode_headers,
     kafka_module,
     kafka_partition,
+    message_record,
 )
 from ._records import Record, SendResult
 from ._serde import encode_value
@@ -165,21 +165,8 @@ class KafkaConsumerImpl:
                     self._eof.add((m.topic(), m.partition()))
                 continue
             self._eof.discard((m.topic(), m.partition()))
-            headers, eid = decode_headers(m.headers())
-            key = m.key()
             topic = self.url.strip(m.topic())
-            out.append(
-                Record(
-                    topic,
-                    m.partition(),
-                    m.offset(),
-                    None if key is None else key.decode(errors="replace"),
-                    m.value() or b"",
-                    headers,
-                    m.timestamp()[1] / 1000.0,
-                    eid,
-                )
-            )
+            out.append(message_record(m, topic))
             self._positions[(topic, m.partition())] = m.offset() + 1
         return out
 
@@ -243,20 +230,7 @@ def read_committed(store: str, topic: str, timeout: float = 60.0) -> list[Record
                         done.add(m.partition())
                     continue
                 done.discard(m.partition())
-                headers, eid = decode_headers(m.headers())
-                key = m.key()
-                out.append(
-                    Record(
-                        topic,
-                        m.partition(),
-                        m.offset(),
-                        None if key is None else key.decode(errors="replace"),
-                        m.value() or b"",
-                        headers,
-                        m.timestamp()[1] / 1000.0,
-                        eid,
-                    )
-                )
+                out.append(message_record(m, topic))
         if len(done) < len(parts):
             raise StoreError(f"reading '{topic}' did not reach its end in {timeout:.0f}s")
         return sorted(out, key=lambda r: (r.partition, r.offset))

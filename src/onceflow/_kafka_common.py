@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._errors import ConfigError, MissingExtraError
+from ._records import Record
 
 ID_HEADER = "onceflow-id"
 
@@ -120,3 +121,20 @@ def decode_headers(raw: Any) -> tuple[dict[str, str] | None, str | None]:
         else:
             headers[k] = text
     return headers or None, eid
+
+
+def message_record(msg: Any, topic: str) -> Record:
+    """A confluent-kafka message as the Record the public API returns (under its
+    topic's name without the namespace)."""
+    headers, eid = decode_headers(msg.headers())
+    key = msg.key()
+    return Record(
+        topic,
+        msg.partition(),
+        msg.offset(),
+        None if key is None else key.decode(errors="replace"),
+        msg.value() or b"",
+        headers,
+        msg.timestamp()[1] / 1000.0,
+        eid,
+    )

@@ -32,7 +32,7 @@ from typing import Any, NoReturn, TypeVar
 
 from ._errors import ConfigError, StoreError
 from ._kafka import transaction_timeout_ms
-from ._kafka_common import KafkaURL, decode_headers, kafka_module
+from ._kafka_common import KafkaURL, kafka_module, message_record
 from ._records import Record
 from ._settings import Settings
 
@@ -596,18 +596,7 @@ def list_topics(store: str) -> list[KafkaTopicInfo]:
 
 
 def to_record(cluster: Cluster, m: Any) -> Record:
-    headers, eid = decode_headers(m.headers())
-    key = m.key()
-    return Record(
-        cluster.url.strip(m.topic()),
-        m.partition(),
-        m.offset(),
-        None if key is None else key.decode(errors="replace"),
-        m.value() or b"",
-        headers,
-        m.timestamp()[1] / 1000.0,
-        eid,
-    )
+    return message_record(m, cluster.url.strip(m.topic()))
 
 
 class KafkaTail:
