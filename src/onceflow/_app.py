@@ -468,7 +468,3 @@ class App:
                 signal.signal(sig, h)
 
         return restore
-
-
-def stateful_steps(app: App) -> list[Step]:
-    return [s for s in app._steps if s.kind in STATEFUL]

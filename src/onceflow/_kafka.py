@@ -212,7 +212,6 @@ class KafkaSession:
         self._partitions: dict[str, int] = {}
         self._pending: dict[tuple[str, int], list[tuple[bytes, bytes | None]]] = {}
         self._produced: dict[tuple[str, int], int] = {}
-        self._positions: dict[tuple[str, int], int] = {}
         self._eof: set[tuple[str, int]] = set()
         self._wrote_inputs: set[tuple[str, int]] = set()
         self._sources: list[str] = []
@@ -221,7 +220,6 @@ class KafkaSession:
         self.before_revoke: Callable[[], None] = lambda: None
         self.assignment_changed: Callable[[], None] = lambda: None
         self.partitions_lost: Callable[[], None] = lambda: None
-        self.dead_letter_topic = ""
         self.fenced = False
 
     # -- names ----------------------------------------------------------------------
@@ -548,7 +546,6 @@ class KafkaSession:
             b.raws.append(m.value() or b"")
             b.tss.append(m.timestamp()[1] / 1000.0)
             b.ids.append(eid)
-            self._positions[(topic, m.partition())] = m.offset() + 1
         return list(by_topic.values())
 
     def wait_for_data(self, timeout: float, stop: Any) -> None:
