@@ -22,9 +22,9 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import click
 from rich.console import Console
@@ -36,6 +36,7 @@ from ._crash import CRASH_POINTS
 from ._effects import EffectSink
 from ._kafka_common import KafkaURL, is_kafka
 from ._loader import load_app, load_object
+from ._records import Record
 from ._sinks import FileSink, Sink
 from ._supervisor import Child
 from .testing import Event, Snapshot, diff, output_topics, reference, send, snapshot
@@ -163,12 +164,17 @@ class _Monitor(threading.Thread):
     """A read_committed consumer reading the outputs while the chaos runs: what it sees
     must never hold an input id more often than the reference does."""
 
-    def __init__(self, store: str, topics: list[str]) -> None:
+    def __init__(
+        self,
+        store: str,
+        topics: list[str],
+        identify: Callable[[Record], Hashable] = lambda rec: rec.id,
+    ) -> None:
         super().__init__(name="chaos-monitor", daemon=True)
-        self.store, self.topics = store, topics
+        self.store, self.topics, self.identify = store, topics, identify
         # By position: a consumer that reconnects (after a broker restart, a rebalance)
         # may read a record again, which is not a duplicate in the topic.
-        self.records: dict[tuple[str, int, int], str | None] = {}
+        self.records: dict[tuple[str, int, int], Hashable] = {}
         self.stop_at: float | None = None
         self.error: BaseException | None = None
 
@@ -179,7 +185,7 @@ class _Monitor(threading.Thread):
             ) as c:
                 while self.stop_at is None or time.monotonic() < self.stop_at:
                     for rec in c.poll(max_records=5000, timeout=0.2):
-                        self.records[(rec.topic, rec.partition, rec.offset)] = rec.id
+                        self.records[(rec.topic, rec.partition, rec.offset)] = self.identify(rec)
         except BaseException as exc:
             self.error = exc
 
@@ -410,9 +416,10 @@ def _audit_monitor(result: ChaosResult, monitor: _Monitor, expected: Snapshot) -
     if monitor.error is not None:
         result.checks.append(("read_committed monitor ran", False, repr(monitor.error)))
         return
+    # Chaos identifies records by their input id (the default `identify`).
     seen: dict[str, Counter[str | None]] = {t: Counter() for t in monitor.topics}
     for (topic, _, _), rid in monitor.records.items():
-        seen[topic][rid] += 1
+        seen[topic][cast("str | None", rid)] += 1
     doubled = 0
     for topic, counts in seen.items():
         want = expected.ids(topic)

@@ -53,6 +53,7 @@ from ._app import App
 from ._consumer import Consumer
 from ._crash import CRASH_POINTS
 from ._errors import ConfigError, OnceflowError
+from ._kafka_common import is_kafka
 from ._producer import Producer
 from ._records import Record
 from ._state import State
@@ -60,6 +61,8 @@ from ._supervisor import Child
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from ._chaos import BrokerControl
 
 APP_NAME = "payments"
 TRANSFERS = "transfers"
@@ -219,7 +222,10 @@ def produce(
     rng = random.Random(seed)
     hi = max_amount(payments, accounts)
     picks = rng.sample(range(payments), min(payments, payments * 50 // 1000))
-    n_same = payments * RESEND_SAME_PERMILLE // 1000
+    # Kafka's idempotent producer retries within its session by itself and offers no
+    # way to re-send with chosen sequence numbers, so on Kafka every re-send comes from
+    # a new session and it is `dedupe` that must drop it.
+    n_same = 0 if is_kafka(store) else payments * RESEND_SAME_PERMILLE // 1000
     resend_same = set(picks[:n_same])
     resend_new = picks[n_same:]
     malformed_after = sorted(rng.sample(range(payments), min(payments, MALFORMED)))
@@ -276,25 +282,7 @@ def produce(
                     counts["malformed"] += 1
                     next_bad = next(bad, None)
             if items:
-                last = {part: p.last_sequence(TRANSFERS, part) for part in range(PARTITIONS)}
-                results = p.send_batch(TRANSFERS, items)
-                # Sequence numbers are consecutive per partition, so each item's number
-                # follows from where it landed; a retry must reuse exactly that number.
-                seqs: list[int] = []
-                for r in results:
-                    last[r.partition] += 1
-                    seqs.append(last[r.partition])
-                retry = [
-                    (item, seq)
-                    for item, seq in zip(items, seqs, strict=True)
-                    if item[2] is not None and _index(item[2]) in resend_same
-                ]
-                if retry:
-                    again = p.send_batch(
-                        TRANSFERS, [it for it, _ in retry], sequences=[s for _, s in retry]
-                    )
-                    counts["resent_same_session"] += len(retry)
-                    counts["dropped_by_log"] += sum(1 for r in again if r.duplicate)
+                _send_retrying(p, items, resend_same, counts)
                 counts["sent"] += hi_i - lo
             # After the last batch, flush every re-send still scheduled.
             ready = [b for b in due if b <= batch_no or batch_no >= n_batches - 1]
@@ -328,6 +316,36 @@ def produce(
         p.send(MANIFEST, manifest)
     print(json.dumps({"done": manifest}), file=out, flush=True)
     return manifest
+
+
+def _send_retrying(
+    p: Producer,
+    items: list[tuple[str | None, Any, str | None]],
+    resend_same: set[int],
+    counts: dict[str, int],
+) -> None:
+    """Send a batch, then re-send its `resend_same` payments in the same session with
+    their sequence numbers: a retry after a lost acknowledgement, which the log drops."""
+    if not resend_same:
+        p.send_batch(TRANSFERS, items)
+        return
+    last = {part: p.last_sequence(TRANSFERS, part) for part in range(PARTITIONS)}
+    results = p.send_batch(TRANSFERS, items)
+    # Sequence numbers are consecutive per partition, so each item's number follows
+    # from where it landed; a retry must reuse exactly that number.
+    seqs: list[int] = []
+    for r in results:
+        last[r.partition] += 1
+        seqs.append(last[r.partition])
+    retry = [
+        (item, seq)
+        for item, seq in zip(items, seqs, strict=True)
+        if item[2] is not None and _index(item[2]) in resend_same
+    ]
+    if retry:
+        again = p.send_batch(TRANSFERS, [it for it, _ in retry], sequences=[s for _, s in retry])
+        counts["resent_same_session"] += len(retry)
+        counts["dropped_by_log"] += sum(1 for r in again if r.duplicate)
 
 
 def _index(pid: str) -> int:
@@ -377,6 +395,11 @@ _credit = msgspec.json.Decoder(Credit)
 
 def read_topic(store: str, topic: str) -> Iterator[Record]:
     """Every committed record of `topic`; each partition's records in offset order."""
+    if is_kafka(store):
+        from ._kafka_clients import read_committed
+
+        yield from read_committed(store, topic, timeout=120.0)
+        return
     # A fresh group per read: the audit never commits, so it leaves no trace and always
     # starts from the beginning.
     group = f"onceflow-demo-audit-{uuid.uuid4().hex[:12]}"
@@ -391,9 +414,25 @@ def _read_only(store: str) -> sqlite3.Connection:
     return conn
 
 
-def _state_table(conn: sqlite3.Connection, step: str) -> dict[str, list[int]]:
-    """Committed state of one step: account -> values (one per partition holding it)."""
-    out: dict[str, list[int]] = collections.defaultdict(list)
+StepValues = dict[str, list[int]]
+
+
+def _committed_state(store: str) -> tuple[int, StepValues, StepValues]:
+    """Dedup ids held, and the committed state of `debits` and `credits`: account ->
+    values, one per partition holding it (more than one is itself a finding)."""
+    if is_kafka(store):
+        from ._demo_kafka import committed_state
+
+        return committed_state(store)
+    with contextlib.closing(_read_only(store)) as conn:
+        (dedup_ids,) = conn.execute(
+            "SELECT COUNT(*) FROM dedup WHERE app=? AND step=?", (APP_NAME, "payment-ids")
+        ).fetchone()
+        return dedup_ids, _state_table(conn, "debits"), _state_table(conn, "credits")
+
+
+def _state_table(conn: sqlite3.Connection, step: str) -> StepValues:
+    out: StepValues = collections.defaultdict(list)
     for key, value in conn.execute(
         "SELECT key, value FROM state WHERE app=? AND step=?", (APP_NAME, step)
     ):
@@ -425,7 +464,7 @@ def run_audit(store: str | os.PathLike[str]) -> Audit:
     (payer, payee, account) lives on one partition, which the consumer reads in order.
     """
     path = os.fspath(store)
-    if not os.path.exists(path):
+    if not is_kafka(path) and not os.path.exists(path):
         return Audit([Check("store exists", False, f"no store at {path}")], {})
     checks: list[Check] = []
     figures: dict[str, int] = {}
@@ -529,12 +568,7 @@ def run_audit(store: str | os.PathLike[str]) -> Audit:
     )
     figures.update(outcomes=n_out, accepted=len(accepted), rejected=n_out - len(accepted))
 
-    with contextlib.closing(_read_only(path)) as conn:
-        (dedup_ids,) = conn.execute(
-            "SELECT COUNT(*) FROM dedup WHERE app=? AND step=?", (APP_NAME, "payment-ids")
-        ).fetchone()
-        debits_state = _state_table(conn, "debits")
-        credits_state = _state_table(conn, "credits")
+    dedup_ids, debits_state, credits_state = _committed_state(path)
     dropped_by_dedupe = valid - n_out
     figures.update(dropped_by_dedupe=dropped_by_dedupe, dedup_ids=dedup_ids)
     want_new = manifest.get("resent_new_session", valid - distinct)
@@ -684,8 +718,9 @@ def plan_kills(kills: int, rng: random.Random) -> list[Kill]:
         return []
     n_crash = max(1, kills // 3)
     crash_idx = [0] + [3 * j - 1 for j in range(1, n_crash) if 3 * j - 1 < kills]
-    # sink_flush is never reached: the demo has no idempotent sink.
-    points = [p for p in CRASH_POINTS if p != "sink_flush"]
+    # The demo writes to topics only: the sink and effect points are never reached.
+    unreachable = ("sink_flush", "sink_prepared", "effect_called")
+    points = [p for p in CRASH_POINTS if p not in unreachable]
     preferred = [p for p in ("in_transaction", "after_commit", "before_commit") if p in points]
     ats = sorted(rng.uniform(0.05, 0.9) for _ in range(kills - len(crash_idx)))
     plan: list[Kill] = []
@@ -737,6 +772,58 @@ class _Probe:
 
     def close(self) -> None:
         self.conn.close()
+
+
+class _ProducerProcess:
+    """The producer (`producer_main`) in a process of its own; its JSON progress lines
+    are read in a thread."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        code = (
+            "import sys; from onceflow._demo import producer_main; "
+            "sys.exit(producer_main(sys.argv[1:]))"
+        )
+        self._lock = threading.Lock()
+        self._sent: dict[str, int] = {}
+        self._planned: dict[str, int] = {}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", code, json.dumps(args)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        self._out = _Tail(self.proc.stdout, self._on_line)
+        self._err = _Tail(self.proc.stderr)
+
+    def _on_line(self, line: str) -> None:
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            return
+        with self._lock:
+            self._planned.update(msg.get("plan", {}))
+            self._sent.update(msg.get("progress", {}))
+            self._sent.update(msg.get("done", {}))
+
+    def sent_counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._sent)
+
+    def planned(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._planned)
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def failure(self) -> str:
+        self._err.join()
+        return f"the producer failed (exit {self.proc.returncode}):\n{self._err.text()}"
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        self._out.join()
 
 
 class _Tail:
@@ -812,8 +899,17 @@ def run_demo(
     rate: float = DEFAULT_RATE,
     console: Console | None = None,
     timeout: float = 600.0,
+    store: str | None = None,
+    workers: int = 2,
+    broker: BrokerControl | None = None,
+    broker_kills: int = 1,
 ) -> DemoResult:
     """Run the demo end to end and audit it; `console=None` runs silently.
+
+    With `store="kafka://..."` it runs on Kafka in `workers` worker processes, in a
+    fresh namespace of that cluster, and SIGKILLs and restarts the broker through
+    `broker` `broker_kills` times (see `_demo_kafka`); `directory` then only holds the
+    workers' local state.
 
     >>> result = run_demo(payments=3_000, kills=3, directory="/tmp/demo")  # doctest: +SKIP
     >>> result.ok                                                            # doctest: +SKIP
@@ -821,6 +917,28 @@ def run_demo(
     """
     if seed is None:
         seed = random.randrange(1_000_000)
+    if store is not None and is_kafka(store):
+        from ._demo_kafka import run_kafka_demo
+
+        return run_kafka_demo(
+            store=store,
+            payments=payments,
+            accounts=accounts,
+            kills=kills,
+            seed=seed,
+            directory=directory,
+            rate=rate,
+            workers=workers,
+            broker=broker,
+            broker_kills=broker_kills,
+            console=console,
+            timeout=timeout,
+        )
+    if store is not None:
+        raise ConfigError(
+            f"--store {store}: the embedded demo keeps its store in DIR/{STORE_FILE}; pass "
+            "--dir for another place, or --store kafka://HOST:PORT to run on Kafka"
+        )
     t0 = time.monotonic()
     store = prepare_dir(Path(directory))
     # Creates the schema before the probe reads it, whichever process starts first.
@@ -872,12 +990,7 @@ class _Supervisor:
         self.error = ""
         self.progress = _Progress(console, payments, len(plan))
         self.probe = _Probe(store)
-        self._lock = threading.Lock()
-        self._sent: dict[str, int] = {}
-        self._planned: dict[str, int] = {}
-        self.producer: subprocess.Popen[bytes] | None = None
-        self._producer_out = _Tail(None)
-        self._producer_err = _Tail(None)
+        self.producer: _ProducerProcess | None = None
         self.child: Child | None = None
         self._child_err = _Tail(None)
         self.armed: Kill | None = None
@@ -893,31 +1006,10 @@ class _Supervisor:
     # -- the processes ------------------------------------------------------------------
 
     def start_producer(self, args: dict[str, Any]) -> None:
-        code = (
-            "import sys; from onceflow._demo import producer_main; "
-            "sys.exit(producer_main(sys.argv[1:]))"
-        )
-        self.producer = subprocess.Popen(
-            [sys.executable, "-c", code, json.dumps(args)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        self._producer_out = _Tail(self.producer.stdout, self._on_producer_line)
-        self._producer_err = _Tail(self.producer.stderr)
-
-    def _on_producer_line(self, line: str) -> None:
-        try:
-            msg = json.loads(line)
-        except ValueError:
-            return
-        with self._lock:
-            self._planned.update(msg.get("plan", {}))
-            self._sent.update(msg.get("progress", {}))
-            self._sent.update(msg.get("done", {}))
+        self.producer = _ProducerProcess(args)
 
     def sent_counts(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._sent)
+        return self.producer.sent_counts() if self.producer is not None else {}
 
     def start_child(self) -> None:
         """A new incarnation, armed with a crash point when that is the next kill."""
@@ -933,10 +1025,7 @@ class _Supervisor:
         if self.child is not None and self.child.alive():
             self.child.kill()
         if self.producer is not None:
-            if self.producer.poll() is None:
-                self.producer.kill()
-            self.producer.wait()
-            self._producer_out.join()
+            self.producer.close()
         self.probe.close()
 
     # -- the loop -----------------------------------------------------------------------
@@ -953,8 +1042,9 @@ class _Supervisor:
     def refresh(self) -> tuple[dict[str, int], dict[str, int]]:
         ends, done = self.probe.offsets()
         self.processed = done.get(TRANSFERS, 0)
-        with self._lock:
-            self.progress.update(self._sent.get("sent", 0), self.processed, self._planned)
+        if self.producer is not None:
+            sent, planned = self.producer.sent_counts(), self.producer.planned()
+            self.progress.update(sent.get("sent", 0), self.processed, planned)
         self.progress.kills(sum(1 for k in self.plan if k.done))
         return ends, done
 
@@ -964,8 +1054,7 @@ class _Supervisor:
         ends, done = self.refresh()
         producer_rc = self.producer.poll()
         if producer_rc not in (None, 0):
-            self._producer_err.join()
-            self.error = f"the producer failed (exit {producer_rc}):\n{self._producer_err.text()}"
+            self.error = self.producer.failure()
             return False
         # Both sources fully committed on one snapshot: a stage-1 commit writes credits
         # and moves the transfers offsets atomically, so nothing is left in flight.
@@ -1087,9 +1176,13 @@ def render(result: DemoResult, console: Console) -> None:
     def row(label: str, key: str, note: str = "") -> None:
         t.add_row(label, f"{f[key]:,}" if key in f else "-", note)
 
+    on_kafka = "workers" in f
     row("payments sent (acknowledged)", "sent_payments")
-    row("re-sent, same session (sequences=)", "sent_resent_same_session")
-    row("  dropped by the log", "sent_dropped_by_log", "producer sequence numbers")
+    if on_kafka:
+        t.add_row("re-sent, same session", "-", "Kafka's producer retries by itself")
+    else:
+        row("re-sent, same session (sequences=)", "sent_resent_same_session")
+        row("  dropped by the log", "sent_dropped_by_log", "producer sequence numbers")
     row(
         "re-sent, new producer session",
         "sent_resent_new_session",
@@ -1104,6 +1197,10 @@ def render(result: DemoResult, console: Console) -> None:
         f"{len(kills)}",
         f"{len(at_points)} inside the protocol: {points}" if at_points else "",
     )
+    if on_kafka:
+        row("worker processes", "workers", f"{f.get('worker_restarts', 0)} died on their own")
+        row("broker kills survived (SIGKILL)", "broker_kills", "and restarts")
+        row("records seen live (read_committed)", "live_records", "outcomes and ledger")
     row("payments accepted", "accepted")
     row("payments rejected (overdraft)", "rejected")
     row("ledger entries", "ledger", "one debit + one credit per accepted payment")
@@ -1167,7 +1264,24 @@ def render(result: DemoResult, console: Console) -> None:
 @click.option(
     "--store",
     default=None,
-    help="Reserved for other backends; ignored for now: the store is DIR/payments.db.",
+    help="kafka://HOST:PORT[/NAMESPACE] to run on Kafka (a fresh namespace per run); "
+    "default: the embedded store DIR/payments.db.",
+)
+@click.option(
+    "--workers",
+    default=2,
+    show_default=True,
+    type=click.IntRange(1, PARTITIONS),
+    help="Worker processes on Kafka.",
+)
+@click.option("--broker-kill", default=None, help="Shell command that SIGKILLs the broker.")
+@click.option("--broker-start", default=None, help="Shell command that starts it again.")
+@click.option(
+    "--broker-kills",
+    default=1,
+    show_default=True,
+    type=click.IntRange(0),
+    help="Broker kills (Kafka, with --broker-kill and --broker-start).",
 )
 @click.pass_context
 def demo_command(
@@ -1179,6 +1293,10 @@ def demo_command(
     directory: str,
     rate: float,
     store: str | None,
+    workers: int,
+    broker_kill: str | None,
+    broker_start: str | None,
+    broker_kills: int,
 ) -> None:
     """Payments with kill -9: send, process, crash, restart, then audit the result.
 
@@ -1190,14 +1308,24 @@ def demo_command(
     """
     from rich.console import Console
 
+    from ._chaos import ShellBroker
+
+    if (broker_kill is None) != (broker_start is None):
+        raise click.UsageError("--broker-kill and --broker-start go together")
+    on_kafka = store is not None and is_kafka(store)
+    if broker_kill is not None and not on_kafka:
+        raise click.UsageError("--broker-kill needs --store kafka://...")
     console = Console()
     if seed is None:
         seed = random.randrange(1_000_000)
-    if store is not None:
-        console.print(f"[dim]--store {store} ignored: the demo uses {directory}/{STORE_FILE}[/]")
+    broker = ShellBroker(broker_kill, broker_start) if broker_kill and broker_start else None
+    where = os.path.join(directory, STORE_FILE)
+    if on_kafka:
+        where = f"{store}, {workers} workers, "
+        where += f"{broker_kills} broker kills" if broker else "no broker kills (--broker-kill)"
     console.print(
         f"onceflow demo: {payments:,} payments between {accounts:,} accounts, {kills} kills, "
-        f"seed {seed}, store {os.path.join(directory, STORE_FILE)}"
+        f"seed {seed}, store {where}"
     )
     try:
         result = run_demo(
@@ -1208,6 +1336,10 @@ def demo_command(
             directory=directory,
             rate=rate,
             console=console,
+            store=store,
+            workers=workers,
+            broker=broker,
+            broker_kills=broker_kills,
         )
     except OnceflowError as exc:
         raise click.ClickException(str(exc)) from exc

@@ -9,6 +9,7 @@ from typing import Any
 
 from ._errors import ConfigError, StoreError
 from ._kafka_common import (
+    CLIENT_LOG,
     KafkaURL,
     encode_headers,
     kafka_module,
@@ -35,13 +36,16 @@ class KafkaProducerImpl:
         self.producer = self.ck.Producer(
             {
                 "bootstrap.servers": self.url.bootstrap,
+                "logger": CLIENT_LOG,
                 "enable.idempotence": True,
                 "acks": "all",
                 "client.id": producer_id,
                 "linger.ms": 2,
             }
         )
-        self.admin = self.ck.admin.AdminClient({"bootstrap.servers": self.url.bootstrap})
+        self.admin = self.ck.admin.AdminClient(
+            {"bootstrap.servers": self.url.bootstrap, "logger": CLIENT_LOG}
+        )
         self._topics: dict[str, int] = {}
 
     def ensure_topic(self, topic: str) -> int:
@@ -138,6 +142,7 @@ class KafkaConsumerImpl:
         self.consumer = self.ck.Consumer(
             {
                 "bootstrap.servers": self.url.bootstrap,
+                "logger": CLIENT_LOG,
                 "group.id": self.url.topic(group),
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
@@ -207,6 +212,7 @@ def read_committed(store: str, topic: str, timeout: float = 60.0) -> list[Record
     c = ck.Consumer(
         {
             "bootstrap.servers": url.bootstrap,
+            "logger": CLIENT_LOG,
             "group.id": "onceflow-reader",
             "enable.auto.commit": False,
             "isolation.level": "read_committed",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -11,6 +12,12 @@ from ._errors import ConfigError, MissingExtraError
 from ._records import Record
 
 ID_HEADER = "onceflow-id"
+
+# librdkafka logs every failed connection attempt to stderr (dozens a second when the
+# broker is down). Routed here instead: the CLI reports one error line, and a program
+# that configures logging still sees them.
+CLIENT_LOG = logging.getLogger("onceflow.kafka.client")
+CLIENT_LOG.addHandler(logging.NullHandler())
 
 
 def kafka_module() -> Any:

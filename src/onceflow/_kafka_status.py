@@ -23,7 +23,6 @@ Where an app's facts come from, since Kafka has no `apps` table:
 from __future__ import annotations
 
 import json
-import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +31,7 @@ from typing import Any, NoReturn, TypeVar
 
 from ._errors import ConfigError, StoreError
 from ._kafka import transaction_timeout_ms
-from ._kafka_common import KafkaURL, kafka_module, message_record
+from ._kafka_common import CLIENT_LOG, KafkaURL, kafka_module, message_record
 from ._records import Record
 from ._settings import Settings
 
@@ -52,12 +51,6 @@ _READ_S = 10.0
 LAG_PROBE_OFFSETS = 100
 
 Key = tuple[str, int]
-
-# librdkafka logs every failed connection attempt to stderr (dozens a second when the
-# broker is down). Routed here instead: the CLI reports one error line, and a program
-# that configures logging still sees them.
-_client_log = logging.getLogger("onceflow.kafka.client")
-_client_log.addHandler(logging.NullHandler())
 
 
 # -- data -------------------------------------------------------------------------
@@ -167,7 +160,7 @@ class Cluster:
         self._prefix = f"{self.url.namespace}." if self.url.namespace else ""
 
     def _conf(self, **extra: Any) -> dict[str, Any]:
-        return {"bootstrap.servers": self.url.bootstrap, "logger": _client_log, **extra}
+        return {"bootstrap.servers": self.url.bootstrap, "logger": CLIENT_LOG, **extra}
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         try:
