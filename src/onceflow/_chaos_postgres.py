@@ -80,16 +80,17 @@ class ScratchDatabases:
         dbs = cls(server, (f"onceflow_chaos_{tag}", f"onceflow_ref_{tag}"))
         pg = _psycopg()
         with _connect(server) as admin:
-            for name in dbs.names:
-                admin.execute(pg.sql.SQL("CREATE DATABASE {}").format(pg.sql.Identifier(name)))
-        try:
-            for url in (dbs.chaos_url, dbs.reference_url):
-                if setup is not None:
-                    with _connect(url) as conn:
-                        setup(conn)
-        except BaseException:
-            dbs.drop()
-            raise
+            try:
+                for name in dbs.names:
+                    admin.execute(pg.sql.SQL("CREATE DATABASE {}").format(pg.sql.Identifier(name)))
+                for url in (dbs.chaos_url, dbs.reference_url):
+                    if setup is not None:
+                        with _connect(url) as conn:
+                            setup(conn)
+            except BaseException:
+                # Half a set-up (one database made, a failing setup hook) leaves nothing.
+                dbs.drop()
+                raise
         return dbs
 
     def child_env(self) -> dict[str, str]:
