@@ -8,11 +8,17 @@ same events with no crash: every input id must have the same effects, once.
 
 A pipeline module may define `chaos_events(n, seed)` returning `onceflow.testing.Event`s
 (otherwise events are `{"id", "key", "amount"}` dicts on the App's first source), and
-`chaos_audit(store_path)` returning `(check, ok, detail)` tuples for business invariants.
+`chaos_audit(store_path)` returning `(check, ok, detail)` tuples for business invariants;
+given a `postgres` keyword parameter, it is also passed the URL of the crashing run's
+PostgreSQL database.
+
+An App with a PostgresSink needs `postgres=` (`--postgres`), a server on which chaos
+creates a scratch database per run and audits what landed there; see `_chaos_postgres`.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import shutil
@@ -30,10 +36,12 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from . import _chaos_postgres as chaos_pg
 from ._app import App
 from ._consumer import Consumer
 from ._crash import CRASH_POINTS
 from ._effects import EffectSink
+from ._errors import ConfigError
 from ._kafka_common import KafkaURL, is_kafka
 from ._loader import load_app, load_object
 from ._records import Record
@@ -56,6 +64,8 @@ class ChaosResult:
     step_kills: list[str] = field(default_factory=list)
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
     seconds: float = 0.0
+    # The scratch PostgreSQL databases (crashing run, reference run), if any.
+    postgres_databases: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -201,17 +211,102 @@ def run_chaos(
     workers: int = 1,
     broker: BrokerControl | None = None,
     broker_kills: int = 1,
+    postgres: str | None = None,
+    keep_postgres: bool = False,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> ChaosResult:
+    """Kill `target` again and again on scratch stores, then audit it (see the module doc).
+
+    `postgres` is a server URL on which to create the scratch databases of an App's
+    PostgresSinks; they are dropped at the end unless `keep_postgres`.
+    """
     t0 = time.monotonic()
     app = load_app(target)
     module = target.partition(":")[0]
+    dbs = _scratch_postgres(app, module, store, postgres, progress)
+    try:
+        return _run_chaos(
+            target,
+            app,
+            module,
+            t0=t0,
+            events=events,
+            kills=kills,
+            seed=seed,
+            workdir=workdir,
+            store=store,
+            workers=workers,
+            broker=broker,
+            broker_kills=broker_kills,
+            dbs=dbs,
+            progress=progress,
+        )
+    finally:
+        if dbs is not None and keep_postgres:
+            progress(f"PostgreSQL databases kept: {', '.join(dbs.names)}")
+        elif dbs is not None:
+            dbs.drop()
+
+
+def _scratch_postgres(
+    app: App,
+    module: str,
+    store: str | None,
+    postgres: str | None,
+    progress: Callable[[str], None],
+) -> chaos_pg.ScratchDatabases | None:
+    sinks = chaos_pg.postgres_sinks(app)
+    if postgres is None:
+        if sinks:
+            # Without scratch databases both runs would write into the pipeline's own
+            # database: the user's data would get chaos rows, and the audit see nothing.
+            names = ", ".join(repr(s.name) for s in sinks)
+            raise ConfigError(
+                f"the App writes to PostgreSQL (sinks {names}); operator action: give "
+                "--postgres postgresql://USER@HOST:PORT/DB, a server on which chaos may "
+                "create and drop scratch databases"
+            )
+        return None
+    if store is not None and is_kafka(store):
+        raise ConfigError(
+            "--postgres audits PostgresSinks on the embedded store only: on Kafka the "
+            "sink's two-phase commit is not coordinated yet; operator action: leave out "
+            "--store to run chaos on the embedded store"
+        )
+    dbs = chaos_pg.ScratchDatabases.create(postgres, _optional(module, "chaos_postgres_setup"))
+    progress(f"PostgreSQL scratch databases {', '.join(dbs.names)}")
+    try:
+        for url in (dbs.chaos_url, dbs.reference_url):
+            chaos_pg.preflight(app, url)
+    except BaseException:
+        dbs.drop()
+        raise
+    return dbs
+
+
+def _run_chaos(
+    target: str,
+    app: App,
+    module: str,
+    *,
+    t0: float,
+    events: int,
+    kills: int,
+    seed: int,
+    workdir: str,
+    store: str | None,
+    workers: int,
+    broker: BrokerControl | None,
+    broker_kills: int,
+    dbs: chaos_pg.ScratchDatabases | None,
+    progress: Callable[[str], None],
+) -> ChaosResult:
     rng = random.Random(seed)
     make_events = _optional(module, "chaos_events")
     evs: list[Event] = (
         list(make_events(events, seed)) if make_events else default_events(app, events, seed)
     )
-    result = ChaosResult(events=len(evs))
+    result = ChaosResult(events=len(evs), postgres_databases=dbs.names if dbs else ())
     os.makedirs(workdir, exist_ok=True)
     crashed_store, ref_store = _stores(store, workdir)
     on_kafka = is_kafka(crashed_store)
@@ -219,14 +314,10 @@ def run_chaos(
         # Two processes of one App on one SQLite store fence each other in turn.
         workers = 1
     pool = _Workers(target, crashed_store, workers, workdir)
+    if dbs is not None:
+        pool.env.update(dbs.child_env())
 
-    sinks = [s.fn for s in app._steps if s.kind == "sink"]
-    reachable = {
-        "sink_flush": any(isinstance(s, FileSink) for s in sinks),
-        "sink_prepared": any(type(s).prepare is not Sink.prepare for s in sinks),
-        "effect_called": any(isinstance(s, EffectSink) for s in sinks),
-    }
-    points = [p for p in CRASH_POINTS if reachable.get(p, True)]
+    points = _crash_points(app)
     plan: list[str | None] = [*points, *([None] * kills)]
     if broker is not None:
         plan.extend(["broker"] * broker_kills)
@@ -314,7 +405,10 @@ def run_chaos(
         monitor.stop_at = time.monotonic() + 5.0
         monitor.join(30)
     progress("reference run")
-    expected = reference(load_app(target), evs, store=ref_store)
+    ref_app = load_app(target)
+    if dbs is not None:
+        chaos_pg.point_sinks(ref_app, dbs.reference_url)
+    expected = reference(ref_app, evs, store=ref_store)
     actual = snapshot(app, crashed_store)
     ordered = len(app._sources) == 1
     problems = diff(actual, expected, ordered=ordered)
@@ -331,11 +425,65 @@ def run_chaos(
                 ", ".join(f"{t.topic}[{t.partition}]" for t in hanging) or "none",
             )
         )
+    if dbs is not None:
+        result.checks.extend(chaos_pg.audit(app, crashed_store, dbs))
+    _audit_coverage(result, points)
     audit = _optional(module, "chaos_audit")
     if audit is not None:
-        result.checks.extend(audit(crashed_store))
+        result.checks.extend(_call_audit(audit, crashed_store, dbs))
     result.seconds = time.monotonic() - t0
     return result
+
+
+# Points where a sink of another system holds a prepared transaction whose fate only the
+# store's record decides: a chaos run that never killed there did not test the 2PC.
+_TWO_PHASE_POINTS = ("sink_prepared", "after_commit")
+
+
+def _crash_points(app: App) -> list[str]:
+    """The protocol steps this App passes: a point it never reaches would only stall."""
+    sinks = [s.fn for s in app._steps if s.kind == "sink"]
+    reachable = {
+        "sink_flush": any(isinstance(s, FileSink) for s in sinks),
+        "sink_prepared": any(_two_phase(s) for s in sinks),
+        "effect_called": any(isinstance(s, EffectSink) for s in sinks),
+    }
+    return [p for p in CRASH_POINTS if reachable.get(p, True)]
+
+
+def _two_phase(sink: Sink) -> bool:
+    return type(sink).prepare is not Sink.prepare
+
+
+def _audit_coverage(result: ChaosResult, points: list[str]) -> None:
+    """With a two-phase sink, a kill inside its commit window is part of the proof."""
+    if "sink_prepared" not in points:
+        return
+    missed = [p for p in _TWO_PHASE_POINTS if p not in result.step_kills]
+    result.checks.append(
+        (
+            "killed between PREPARE TRANSACTION and COMMIT PREPARED (sink_prepared, after_commit)",
+            not missed,
+            f"never reached: {', '.join(missed)}" if missed else "both",
+        )
+    )
+
+
+def _call_audit(
+    audit: Callable[..., Any], store: str, dbs: chaos_pg.ScratchDatabases | None
+) -> list[tuple[str, bool, str]]:
+    """The module's own checks; a hook that takes `postgres` also gets the database."""
+    if dbs is not None and _takes(audit, "postgres"):
+        return list(audit(store, postgres=dbs.chaos_url))
+    return list(audit(store))
+
+
+def _takes(fn: Callable[..., Any], name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def _create_topics(target: str, store: str) -> None:
@@ -480,6 +628,13 @@ def render(result: ChaosResult, console: Console) -> None:
 @click.option("--broker-kill", default=None, help="Shell command that SIGKILLs the broker.")
 @click.option("--broker-start", default=None, help="Shell command that starts it again.")
 @click.option("--broker-kills", default=1, show_default=True, help="Broker kills (Kafka).")
+@click.option(
+    "--postgres",
+    default=None,
+    metavar="URL",
+    help="postgresql://USER@HOST:PORT/DB: a server on which to create (and, without "
+    "--dir, drop) scratch databases for the App's PostgresSinks, and audit them.",
+)
 def chaos_command(
     target: str,
     events: int,
@@ -491,11 +646,13 @@ def chaos_command(
     broker_kill: str | None,
     broker_start: str | None,
     broker_kills: int,
+    postgres: str | None,
 ) -> None:
     """Kill a pipeline repeatedly and audit its committed effects against a reference.
 
     TARGET is MODULE:APP. On Kafka (--store kafka://...), several workers are killed
-    and, given --broker-kill and --broker-start, the broker too. Exits 0 only when
+    and, given --broker-kill and --broker-start, the broker too. An App with a
+    PostgresSink needs --postgres; its tables are then audited too. Exits 0 only when
     every check holds.
     """
     if (broker_kill is None) != (broker_start is None):
@@ -514,6 +671,8 @@ def chaos_command(
             workers=workers,
             broker=broker,
             broker_kills=broker_kills,
+            postgres=postgres,
+            keep_postgres=workdir is not None,
             progress=lambda msg: console.log(msg),
         )
     finally:

@@ -25,6 +25,9 @@ from ._errors import ConfigError, FencedError, MissingExtraError, StoreError
 from ._sinks import Row, Sink, check_identifier
 
 _GID_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+# Set by `onceflow chaos` in its children: every sink writes to chaos's scratch database,
+# whatever URL the pipeline names, so that a chaos run never writes into a real database.
+CHAOS_URL_ENV = "ONCEFLOW_CHAOS_POSTGRES_URL"
 
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS onceflow_sink_epochs("
@@ -77,7 +80,9 @@ class PostgresSink(Sink):
     ) -> None:
         if (table is None) == (fn is None):
             raise ConfigError("PostgresSink needs either table= (with key= and columns=) or fn=")
-        self.url = url if url is not None else os.environ.get("ONCEFLOW_POSTGRES_URL", "")
+        self.url = os.environ.get(CHAOS_URL_ENV) or (
+            url if url is not None else os.environ.get("ONCEFLOW_POSTGRES_URL", "")
+        )
         self.table = table
         self.fn = fn
         self.key = list(key)

@@ -17,6 +17,8 @@ ENV_HELP = {
     "ONCEFLOW_WORKER": "Kafka: this worker's slot, its stable transactional id (default: 0)",
     "ONCEFLOW_STATE_DIR": "Kafka: where local state stores live (default: .onceflow-state)",
     "ONCEFLOW_CRASH_AT": "test only: SIGKILL self at a protocol step, e.g. before_commit:3",
+    "ONCEFLOW_CHAOS_POSTGRES_URL": "test only, set by `onceflow chaos --postgres`: every "
+    "PostgresSink writes to this database instead of its own URL",
 }
 
 
