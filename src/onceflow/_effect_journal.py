@@ -145,8 +145,8 @@ class KafkaJournal:
 
     def pending(self) -> list[Intent]:
         return [
-            Intent((topic, part), key, payload)
-            for (topic, part), key, payload in self.session.pending_effects(self.sink)
+            Intent(ref, key, payload)
+            for ref, key, payload in self.session.pending_effects(self.sink)
         ]
 
     def attempt_failed(self, intent: Intent, error: str) -> None:
