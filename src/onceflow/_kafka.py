@@ -464,6 +464,8 @@ class KafkaSession:
         recorded offsets ahead of the group's, reading starts there."""
         keys = [(self.url.strip(tp.topic), tp.partition) for tp in partitions]
         self.floors.update(self.sinks_assigned(keys))
+        if not any(tp in self.floors for tp in keys):
+            return
         committed = self.committed_of(keys)
         ahead = {
             tp: off for tp, off in self.floors.items() if tp in committed and off > committed[tp]
@@ -797,7 +799,8 @@ class KafkaSession:
                     [key for _, key, _ in dead],
                 )
                 self.write_outputs(self, {(dead_letter_topic, 0): cols})
-            self.write_positions(self, offsets)
+            if offsets:
+                self.write_positions(self, offsets)
             self.commit(self)
         except BaseException:
             self.rollback(self)
