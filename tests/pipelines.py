@@ -114,3 +114,26 @@ def charges() -> App:
 
 
 charges_app = charges()
+
+
+def _insert_ids(cur: object, rows: list[tuple[object, object, tuple[str, int, int, int]]]) -> None:
+    """Plain INSERTs into a table with no unique key: a replayed row would show twice."""
+    for _, value, _ in rows:
+        cur.execute(  # type: ignore[attr-defined]
+            "INSERT INTO inputs(id, k, n) VALUES (%s, %s, %s)",
+            (value["id"], value["k"], value["n"]),
+        )
+
+
+def ids_to_postgres() -> App:
+    """Every input's id into PostgreSQL, beside a keyed total in a topic (Kafka tests)."""
+    from onceflow import PostgresSink
+
+    app = App("pgids", partitions=4, **SMALL)  # type: ignore[arg-type]
+    src = app.source("amounts")
+    src.reduce(name="total", fn=lambda a, v: a + v["n"], initial=0).to("totals")
+    src.sink(PostgresSink(fn=_insert_ids, name="inputs"))
+    return app
+
+
+ids_to_postgres_app = ids_to_postgres()

@@ -176,8 +176,9 @@ class App:
         if is_kafka(self.store) and on_store:
             names = ", ".join(on_store)
             raise ConfigError(
-                f"sinks {names} write to the embedded store and cannot run on Kafka; "
-                "operator action: write to a topic with to(), or run on a SQLite store"
+                f"sinks {names} write into the embedded store's own tables and cannot run on "
+                "Kafka; operator action: write to a topic with to(), use PostgresSink for a "
+                "table or EffectSink for a side effect, or run on a SQLite store"
             )
 
     def stop(self) -> None:
@@ -221,6 +222,8 @@ class App:
                 if s.kind == "dedupe"
             }
             sinks = self._sinks()
+            if sinks and not hasattr(session, "store"):
+                self._open_sinks_on_kafka(session, sinks, crash)
             if sinks and hasattr(session, "store"):
                 with session.store.lock:
                     for sink in sinks.values():
@@ -299,14 +302,44 @@ class App:
             )
         return EmbeddedSession(SQLiteStore(store_path(self.store)), self.name, owner)
 
+    def _open_sinks_on_kafka(self, session: Any, sinks: dict[str, Sink], crash: Any) -> None:
+        """Sinks recover per partition on Kafka, when a partition comes to this worker."""
+        for sink in sinks.values():
+            if hasattr(sink, "_crash"):
+                sink._crash = crash
+            if isinstance(sink, EffectSink):
+                sink._dead_letter_topic = self.dead_letter_topic
+            sink.open_on_kafka(self.name, session)
+
+        def assigned(parts: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+            floors: dict[tuple[str, int], int] = {}
+            for sink in sinks.values():
+                sink.partitions_assigned(parts)
+                resume = getattr(sink, "committed_positions", None)
+                if resume is not None:
+                    for tp, off in resume().items():
+                        if tp in parts:
+                            floors[tp] = max(off, floors.get(tp, 0))
+            return floors
+
+        def revoked(parts: list[tuple[str, int]]) -> None:
+            for sink in sinks.values():
+                sink.partitions_revoked(parts)
+
+        session.sinks_assigned = assigned
+        session.sinks_revoked = revoked
+
     def _step_topics(self) -> dict[str, str]:
-        """The input topic of each stateful step: its state is partitioned like it."""
+        """The input topic of each stateful step: its state is partitioned like it. An
+        effect sink's journal is partitioned the same way."""
         out = {}
         for src in self._sources:
             stack = list(src.children)
             while stack:
                 step = stack.pop()
-                if step.kind in STATEFUL:
+                if step.kind in STATEFUL or (
+                    step.kind == "sink" and isinstance(step.fn, EffectSink)
+                ):
                     out[step.name] = src.options["topic"]
                 stack.extend(step.children)
         return out

@@ -7,6 +7,9 @@ response journalled. After a crash, pending intents are sent again with the same
 never a new one, so a server that honours idempotency keys applies each effect once.
 A permanent failure (the server refuses the request) becomes a dead letter; a transient
 one (timeout, 5xx, 429) is retried with backoff, and stays pending across restarts.
+
+The journal lives in the embedded store, or on Kafka in the per-partition local stores
+and their changelog (`_effect_journal.py`); the delivery logic here is the same for both.
 """
 
 from __future__ import annotations
@@ -19,17 +22,10 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from ._effect_journal import Journal, KafkaJournal, SQLiteJournal
 from ._errors import ConfigError
-from ._records import Columns
 from ._serde import encode_value
 from ._sinks import Row, Sink
-
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS effects(app TEXT NOT NULL, sink TEXT NOT NULL, "
-    "seq INTEGER NOT NULL, key TEXT NOT NULL, payload BLOB NOT NULL, status TEXT NOT NULL, "
-    "attempts INTEGER NOT NULL DEFAULT 0, response BLOB, error TEXT, "
-    "PRIMARY KEY(app, sink, seq)) WITHOUT ROWID"
-)
 
 
 class PermanentError(Exception):
@@ -46,6 +42,7 @@ class EffectSink(Sink):
     """
 
     guarantee = "idempotent"
+    needs_store = False
 
     def __init__(
         self,
@@ -66,79 +63,50 @@ class EffectSink(Sink):
         self._app = ""
         self._dead_letter_topic = ""
         self._crash: Callable[[str], None] = lambda point: None
-        # Set by the App: the store and its dead-letter topic.
+        # Set by the App: the embedded store (for dead letters) and its dead-letter topic.
         self._store: Any = None
+        self._journal: Journal | None = None
 
     def open(self, app: str, conn: sqlite3.Connection) -> None:
         self._app = app
-        conn.execute(_SCHEMA)
-        self._deliver(conn)
+        self._journal = SQLiteJournal(conn, app, self.name, self._store, self._dead_letter_topic)
+        self._deliver()
 
-    def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+    def open_on_kafka(self, app: str, session: Any) -> None:
+        """Kafka: pending intents are delivered when their partition is assigned."""
+        self._app = app
+        self._journal = KafkaJournal(session, app, self.name, self._dead_letter_topic)
+
+    def partitions_assigned(self, parts: list[tuple[str, int]]) -> None:
+        # The previous owner may have died with intents pending: same keys, sent again.
+        self._deliver()
+
+    def write(self, conn: Any, rows: Sequence[Row]) -> None:
         """Journal the intents inside the epoch's transaction."""
-        (last,) = conn.execute(
-            "SELECT COALESCE(MAX(seq), -1) FROM effects WHERE app=? AND sink=?",
-            (self._app, self.name),
-        ).fetchone()
-        conn.executemany(
-            "INSERT INTO effects(app, sink, seq, key, payload, status) VALUES(?,?,?,?,?,'pending')",
-            [
-                (self._app, self.name, last + 1 + i, self._key(row_id), encode_value(value))
-                for i, (_, value, row_id) in enumerate(rows)
-            ],
-        )
+        assert self._journal is not None, "EffectSink used before open"
+        self._journal.add(conn, rows, self._key)
 
     def _key(self, row_id: tuple[str, int, int, int]) -> str:
         # Deterministic: the same output of the same input always gets the same key.
         topic, part, off, idx = row_id
         return f"{self._app}:{self.name}:{topic}:{part}:{off}:{idx}"
 
-    def after_commit(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
-        self._deliver(conn)
+    def after_commit(self, conn: Any, rows: Sequence[Row]) -> None:
+        self._deliver()
 
-    def _deliver(self, conn: sqlite3.Connection) -> None:
+    def _deliver(self) -> None:
         """Call every pending intent in order, journalling each outcome."""
-        pending = conn.execute(
-            "SELECT seq, key, payload FROM effects WHERE app=? AND sink=? AND status='pending' "
-            "ORDER BY seq",
-            (self._app, self.name),
-        ).fetchall()
-        for seq, key, payload in pending:
-            status, response, error = self._call(json.loads(payload), key)
+        journal = self._journal
+        assert journal is not None, "EffectSink used before open"
+        for intent in journal.pending():
+            status, response, error = self._call(json.loads(intent.payload), intent.key)
             self._crash("effect_called")
             if status == "pending":
                 # Still failing: left for the next epoch or restart, same key.
-                conn.execute(
-                    "UPDATE effects SET attempts=attempts+1, error=? WHERE app=? AND sink=? "
-                    "AND seq=?",
-                    (error, self._app, self.name, seq),
-                )
-                return
-            conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                "UPDATE effects SET status=?, response=?, error=?, attempts=attempts+1 "
-                "WHERE app=? AND sink=? AND seq=?",
-                (status, response, error, self._app, self.name, seq),
-            )
-            if status == "dead":
-                self._dead_letter(conn, key, payload, error or "")
-            conn.execute("COMMIT")
-
-    def _dead_letter(self, conn: sqlite3.Connection, key: str, payload: bytes, error: str) -> None:
-        """A refused effect, with its payload and error, in the same transaction."""
-        if self._store is None or not self._dead_letter_topic:
-            return
-        found = self._store.topic(self._dead_letter_topic)
-        if found is None:
-            return
-        headers = {
-            "onceflow-error": error[:2000],
-            "onceflow-step": self.name,
-            "onceflow-app": self._app,
-        }
-        self._store.append(
-            conn, found[0], 0, Columns([None], [payload], [headers], [time.time()], [key])
-        )
+                journal.attempt_failed(intent, error or "")
+                break
+            journal.settle(intent, status, response, error)
+        journal.flush()
 
     def _call(self, payload: Any, key: str) -> tuple[str, bytes | None, str | None]:
         delay = self.backoff

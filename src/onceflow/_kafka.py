@@ -7,7 +7,9 @@ consumer group metadata, so a worker that lost its partitions in a rebalance can
 commit them either. Keyed state and dedup ids live in a local SQLite file per input
 partition, plus a compacted changelog topic written in the same transaction; the local
 file records the changelog offset it holds, so after a crash only the tail is replayed,
-and a partition that moves to another worker is rebuilt from the changelog.
+and a partition that moves to another worker is rebuilt from the changelog. The effect
+journal of an `EffectSink` lives there too, beside the state of the partition whose
+inputs produced the effects.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ from ._runtime import Batch
 log = logging.getLogger("onceflow")
 
 PartKey = tuple[int, str]
-_STATE, _DEDUP = b"s", b"d"
+TP = tuple[str, int]
+_STATE, _DEDUP, _EFFECT = b"s", b"d", b"e"
 _msgpack_enc = msgspec.msgpack.Encoder()
 _msgpack_dec = msgspec.msgpack.Decoder()
 
@@ -90,6 +93,9 @@ class LocalStore:
             "CREATE TABLE IF NOT EXISTS dedup(step TEXT, id TEXT, seen REAL, outcome BLOB, "
             "PRIMARY KEY(step, id)) WITHOUT ROWID",
             "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER)",
+            "CREATE TABLE IF NOT EXISTS effects(sink TEXT, key TEXT, off INTEGER, idx INTEGER, "
+            "payload BLOB, status TEXT, response BLOB, error TEXT, PRIMARY KEY(sink, key)) "
+            "WITHOUT ROWID",
         ):
             self.conn.execute(stmt)
 
@@ -103,7 +109,7 @@ class LocalStore:
 
     def wipe(self) -> None:
         self.conn.execute("BEGIN")
-        for table in ("state", "dedup", "meta"):
+        for table in ("state", "dedup", "meta", "effects"):
             self.conn.execute(f"DELETE FROM {table}")
         self.conn.execute("COMMIT")
 
@@ -152,12 +158,29 @@ class LocalStore:
                         "INSERT OR REPLACE INTO dedup(step, id, seen, outcome) VALUES(?,?,?,?)",
                         (step, name, seen, outcome),
                     )
+            elif kind == _EFFECT and value is not None:
+                self.conn.execute(
+                    "INSERT OR REPLACE INTO effects(sink, key, off, idx, payload, status, "
+                    "response, error) VALUES(?,?,?,?,?,?,?,?)",
+                    (step, name, *_msgpack_dec.decode(value)),
+                )
             n += 1
         self.conn.execute(
             "INSERT OR REPLACE INTO meta(k, v) VALUES('changelog_next', ?)", (next_offset,)
         )
         self.conn.execute("COMMIT")
         return n
+
+    def pending_effects(self, sink: str) -> list[tuple[str, int, int, bytes]]:
+        """(key, input offset, output index, payload) of each pending intent, in order."""
+        return [
+            (key, int(off), int(idx), payload)
+            for key, off, idx, payload in self.conn.execute(
+                "SELECT key, off, idx, payload FROM effects WHERE sink=? AND status='pending' "
+                "ORDER BY off, idx",
+                (sink,),
+            )
+        ]
 
     def purge_dedup(self, step: str, ttl: float | None, max_keys: int | None) -> None:
         if ttl is not None:
@@ -220,6 +243,13 @@ class KafkaSession:
         self.before_revoke: Callable[[], None] = lambda: None
         self.assignment_changed: Callable[[], None] = lambda: None
         self.partitions_lost: Callable[[], None] = lambda: None
+        # Set by the App: external sinks recover on partitions this worker gets (and say
+        # where PostgreSQL's recorded offsets are ahead of the group's), and forget the
+        # ones it loses.
+        self.sinks_assigned: Callable[[list[TP]], dict[TP, int]] = lambda parts: {}
+        self.sinks_revoked: Callable[[list[TP]], None] = lambda parts: None
+        # Per partition, the offset an external sink recorded as done: never read below.
+        self.floors: dict[TP, int] = {}
         self.fenced = False
 
     # -- names ----------------------------------------------------------------------
@@ -420,6 +450,7 @@ class KafkaSession:
         # Caches are not touched here: partitions held before are still held, and the
         # state of new ones was never cached (a revoke drops caches in `_drop`).
         if partitions:
+            self._start_from_floors(partitions)
             log.info(
                 "worker %d assigned %s; restored %d changelog records in %.2fs",
                 self.worker,
@@ -427,6 +458,29 @@ class KafkaSession:
                 restored,
                 time.monotonic() - t0,
             )
+
+    def _start_from_floors(self, partitions: list[Any]) -> None:
+        """Sinks resolve what is in doubt on the new partitions first; where one of them
+        recorded offsets ahead of the group's, reading starts there."""
+        keys = [(self.url.strip(tp.topic), tp.partition) for tp in partitions]
+        self.floors.update(self.sinks_assigned(keys))
+        if not any(tp in self.floors for tp in keys):
+            return
+        committed = self.committed_of(keys)
+        ahead = {
+            tp: off for tp, off in self.floors.items() if tp in committed and off > committed[tp]
+        }
+        if not ahead:
+            return
+        log.warning("resuming %s from offsets recorded by a sink (ahead of the group)", ahead)
+        self.consumer.assign(
+            [
+                self.ck.TopicPartition(
+                    self.url.topic(t), p, ahead.get((t, p), self.ck.OFFSET_INVALID)
+                )
+                for t, p in keys
+            ]
+        )
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         self.before_revoke()
@@ -437,13 +491,15 @@ class KafkaSession:
         self._drop(partitions)
 
     def _drop(self, partitions: list[Any]) -> None:
-        for tp in partitions:
-            key = (self.url.strip(tp.topic), tp.partition)
+        keys = [(self.url.strip(tp.topic), tp.partition) for tp in partitions]
+        for key in keys:
             if key in self.assigned:
                 self.assigned.remove(key)
+            self.floors.pop(key, None)
             store = self.local.pop(key, None)
             if store is not None:
                 store.close()
+        self.sinks_revoked(keys)
         self.assignment_changed()
 
     def _restore(self, topic: str, part: int) -> int:
@@ -507,15 +563,26 @@ class KafkaSession:
     def committed_positions(self) -> dict[tuple[str, int], int]:
         if not self.assigned or self.consumer is None:
             return {}
-        tps = [self.ck.TopicPartition(self.url.topic(t), p) for t, p in self.assigned]
-        out = {}
-        for tp in self.consumer.committed(tps, timeout=TXN_TIMEOUT_S):
-            out[(self.url.strip(tp.topic), tp.partition)] = max(tp.offset, 0)
-        return out
+        return {tp: max(off, 0) for tp, off in self.committed_of(self.assigned).items()}
+
+    def committed_of(self, parts: Iterable[TP]) -> dict[TP, int]:
+        """The group's committed offsets of any partitions, negative where none. With
+        read_committed the broker answers only once no transaction of ours is in flight
+        on them (KIP-447), so the answer is final for what committed before."""
+        tps = [self.ck.TopicPartition(self.url.topic(t), p) for t, p in parts]
+        if not tps:
+            return {}
+        return {
+            (self.url.strip(tp.topic), tp.partition): tp.offset
+            for tp in self.consumer.committed(tps, timeout=TXN_TIMEOUT_S)
+        }
 
     def rewind(self) -> dict[tuple[str, int], int]:
-        """Back to the last commit: seek every held partition to its committed offset."""
-        committed = self.committed_positions()
+        """Back to the last commit: seek every held partition to its committed offset,
+        or to where an external sink recorded it is done, if that is further."""
+        committed = {
+            tp: max(off, self.floors.get(tp, 0)) for tp, off in self.committed_positions().items()
+        }
         self._eof.clear()
         for (topic, part), off in committed.items():
             # A partition not fetching yet starts from the committed offset anyway.
@@ -662,7 +729,9 @@ class KafkaSession:
             self.producer.poll(0)
 
     def _changelog_write(self, step: str, part: int, key: bytes, value: bytes | None) -> None:
-        topic = self.step_topics[step]
+        self._changelog_write_to(self.step_topics[step], part, key, value)
+
+    def _changelog_write_to(self, topic: str, part: int, key: bytes, value: bytes | None) -> None:
         cl = self.changelog(topic)
 
         def delivered(err: Any, msg: Any) -> None:
@@ -683,6 +752,64 @@ class KafkaSession:
         for part, bid, seen, outcome in rows:
             value = _msgpack_enc.encode([seen, outcome])
             self._changelog_write(step, part, changelog_key(_DEDUP, step, bid), value)
+
+    def write_effect(
+        self, topic: str, part: int, sink: str, key: str, intent: tuple[int, int, bytes]
+    ) -> None:
+        """Inside the epoch's transaction: a pending effect, beside its input's state."""
+        off, idx, payload = intent
+        value = _msgpack_enc.encode([off, idx, payload, "pending", None, None])
+        self._changelog_write_to(topic, part, changelog_key(_EFFECT, sink, key), value)
+
+    def pending_effects(self, sink: str) -> list[tuple[tuple[str, int, int, int], str, bytes]]:
+        """The sink's pending intents on the partitions held, by input position."""
+        out = []
+        for (topic, part), store in sorted(self.local.items()):
+            for key, off, idx, payload in store.pending_effects(sink):
+                out.append(((topic, part, off, idx), key, payload))
+        return out
+
+    def settle_effects(
+        self,
+        sink: str,
+        outcomes: list[tuple[tuple[str, int, int, int], str, str, bytes | None, str | None]],
+        dead_letter_topic: str,
+        dead: list[tuple[bytes, str, dict[str, str]]],
+    ) -> None:
+        """Journal effect outcomes, with their dead letters, in a transaction of their own.
+        The held partitions' offsets go with it unchanged: the group generation then
+        refuses the transaction of a worker that lost them."""
+        offsets = {
+            tp: off
+            for tp, off in self.committed_of({(t, p) for (t, p, _, _), *_ in outcomes}).items()
+            if off >= 0
+        }
+        self.begin()
+        try:
+            for (topic, part, off, idx), key, status, response, error in outcomes:
+                # Settled, the payload is not needed again; the response is the record.
+                value = _msgpack_enc.encode([off, idx, b"", status, response, error])
+                self._changelog_write_to(topic, part, changelog_key(_EFFECT, sink, key), value)
+            if dead:
+                cols = Columns(
+                    [None] * len(dead),
+                    [payload for payload, _, _ in dead],
+                    [headers for _, _, headers in dead],
+                    [time.time()] * len(dead),
+                    [key for _, key, _ in dead],
+                )
+                self.write_outputs(self, {(dead_letter_topic, 0): cols})
+            if offsets:
+                self.write_positions(self, offsets)
+            self.commit(self)
+        except BaseException:
+            self.rollback(self)
+            raise
+        self.after_commit()
+
+    def fence_token(self) -> int:
+        """External sinks are fenced per input partition on Kafka (`_sink_fences.py`)."""
+        return 0
 
     def purge_dedup(self, txn: Any, step: str, ttl: float | None, max_keys: int | None) -> int:
         # Local only: a purged id that a restore brings back is still checked against
@@ -762,6 +889,7 @@ class KafkaSession:
         # kill: leaving the group must not commit from a revoke callback.
         self.before_revoke = lambda: None
         self.assignment_changed = lambda: None
+        self.sinks_revoked = lambda parts: None
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 self.consumer.close()

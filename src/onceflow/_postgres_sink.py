@@ -9,6 +9,9 @@ Then the store commits the epoch, recording that id (the coordinator's record), 
 after the commit the sink runs COMMIT PREPARED. On start, every prepared transaction of
 this app and sink is resolved from the store's record: committed if the store committed
 its epoch, rolled back otherwise. No prepared transaction of the app is left behind.
+
+On the Kafka backend the fence is per input partition and the coordinator's record is
+the Kafka transaction's consumer offsets; see `_sink_fences.py`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._errors import ConfigError, FencedError, MissingExtraError, StoreError
+from ._sink_fences import SCHEMA as FENCE_SCHEMA
+from ._sink_fences import PartitionFences
 from ._sinks import Row, Sink, check_identifier
 
 _GID_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
@@ -67,6 +72,7 @@ class PostgresSink(Sink):
     """
 
     guarantee = "transactional"
+    needs_store = False
 
     def __init__(
         self,
@@ -102,6 +108,11 @@ class PostgresSink(Sink):
         self._app = ""
         self._conn: Any = None
         self._gid: str | None = None
+        # Prepared ids whose rollback failed (the connection broke): they hold row locks
+        # that the next prepare would wait on, so they are rolled back before it.
+        self._unresolved: list[str] = []
+        # Set on Kafka: per-partition fences, and the intents that recovery decides from.
+        self._fences: PartitionFences | None = None
         self._crash: Callable[[str], None] = lambda point: None
 
     # -- connection -----------------------------------------------------------------
@@ -127,15 +138,7 @@ class PostgresSink(Sink):
     def open(self, app: str, conn: sqlite3.Connection) -> None:
         self._app = app
         pg = self._ensure()
-        (maxp,) = pg.execute("SHOW max_prepared_transactions").fetchone()
-        if int(maxp) <= 0:
-            raise ConfigError(
-                "PostgreSQL has max_prepared_transactions = 0, so PostgresSink cannot "
-                "prepare transactions. Operator action: set max_prepared_transactions to at "
-                "least the number of sinks (e.g. 20) in postgresql.conf and restart it"
-            )
-        for stmt in SCHEMA:
-            pg.execute(stmt)
+        self._check_server(pg)
         conn.execute(
             "CREATE TABLE IF NOT EXISTS sink_txns(app TEXT NOT NULL, sink TEXT NOT NULL, "
             "gid TEXT NOT NULL, PRIMARY KEY(app, sink)) WITHOUT ROWID"
@@ -151,6 +154,37 @@ class PostgresSink(Sink):
         )
         if self.table is not None:
             self._check_table(pg)
+
+    def open_on_kafka(self, app: str, session: Any) -> None:
+        """Kafka: nothing is resolved here; each partition is, when this worker gets it."""
+        self._app = app
+        self._gid = None
+        self._fences = PartitionFences(app, self.name, session.committed_of)
+        pg = self._ensure()
+        self._check_server(pg)
+        for stmt in FENCE_SCHEMA:
+            pg.execute(stmt)
+        if self.table is not None:
+            self._check_table(pg)
+
+    def partitions_assigned(self, parts: list[tuple[str, int]]) -> None:
+        if self._fences is not None:
+            self._fences.acquire(self._ensure(), parts)
+
+    def partitions_revoked(self, parts: list[tuple[str, int]]) -> None:
+        if self._fences is not None:
+            self._fences.release(parts)
+
+    def _check_server(self, pg: Any) -> None:
+        (maxp,) = pg.execute("SHOW max_prepared_transactions").fetchone()
+        if int(maxp) <= 0:
+            raise ConfigError(
+                "PostgreSQL has max_prepared_transactions = 0, so PostgresSink cannot "
+                "prepare transactions. Operator action: set max_prepared_transactions to at "
+                "least the number of sinks (e.g. 20) in postgresql.conf and restart it"
+            )
+        for stmt in SCHEMA:
+            pg.execute(stmt)
 
     def _check_table(self, pg: Any) -> None:
         assert self.table is not None
@@ -229,19 +263,15 @@ class PostgresSink(Sink):
         self, rows: Sequence[Row], positions: dict[tuple[str, int], int], fence: int
     ) -> None:
         pg = self._ensure()
+        self._resolve_unresolved(pg)
         gid = f"{self._prefix()}{fence}.{uuid.uuid4().hex[:12]}"
+        if self._fences is not None:
+            self._fences.record_intent(pg, gid, positions)
         pg.execute("BEGIN")
         try:
-            cur = pg.execute(
-                "UPDATE onceflow_sink_epochs SET epoch = %s "
-                "WHERE app = %s AND sink = %s AND epoch <= %s",
-                (fence, self._app, self.name, fence),
-            )
-            if cur.rowcount != 1:
-                raise FencedError(
-                    f"PostgresSink '{self.name}': a newer process of app '{self._app}' wrote "
-                    f"with a higher epoch than {fence}; this one stops without writing"
-                )
+            # Waiting on a lock held by a prepared transaction could last forever.
+            pg.execute("SET LOCAL lock_timeout = '10s'")
+            self._check_fence(pg, positions, fence)
             if self.fn is not None:
                 with pg.cursor() as c:
                     self.fn(c, rows)
@@ -259,8 +289,36 @@ class PostgresSink(Sink):
         except BaseException:
             if not pg.closed and not pg.broken:
                 pg.execute("ROLLBACK")
+                self._forget(pg, gid)
             raise
         self._gid = gid
+
+    def _check_fence(self, pg: Any, positions: dict[tuple[str, int], int], fence: int) -> None:
+        if self._fences is not None:
+            self._fences.check(pg, positions)
+            return
+        cur = pg.execute(
+            "UPDATE onceflow_sink_epochs SET epoch = %s "
+            "WHERE app = %s AND sink = %s AND epoch <= %s",
+            (fence, self._app, self.name, fence),
+        )
+        if cur.rowcount != 1:
+            raise FencedError(
+                f"PostgresSink '{self.name}': a newer process of app '{self._app}' wrote "
+                f"with a higher epoch than {fence}; this one stops without writing"
+            )
+
+    def _resolve_unresolved(self, pg: Any) -> None:
+        while self._unresolved:
+            gid = self._unresolved[0]
+            if pg.execute("SELECT 1 FROM pg_prepared_xacts WHERE gid = %s", (gid,)).fetchone():
+                pg.execute(f"ROLLBACK PREPARED '{gid}'")
+            self._forget(pg, gid)
+            self._unresolved.pop(0)
+
+    def _forget(self, pg: Any, gid: str) -> None:
+        if self._fences is not None:
+            self._fences.forget(pg, gid)
 
     def _upsert(self, pg: Any, rows: Sequence[Row]) -> None:
         from psycopg import sql
@@ -302,8 +360,9 @@ class PostgresSink(Sink):
             ) from exc
 
     def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
-        """Inside the store's transaction: the coordinator's record of the prepared id."""
-        if self._gid is None:
+        """Inside the store's transaction: the coordinator's record of the prepared id.
+        On Kafka the transaction's consumer offsets are that record already."""
+        if self._gid is None or self._fences is not None:
             return
         conn.execute(
             "INSERT INTO sink_txns(app, sink, gid) VALUES(?,?,?) "
@@ -318,7 +377,9 @@ class PostgresSink(Sink):
             return
         for attempt in range(10):
             try:
-                self._ensure().execute(f"COMMIT PREPARED '{gid}'")
+                pg = self._ensure()
+                pg.execute(f"COMMIT PREPARED '{gid}'")
+                self._forget(pg, gid)
                 return
             except Exception:
                 self._conn = None
@@ -332,10 +393,14 @@ class PostgresSink(Sink):
         if gid is None:
             return
         try:
-            self._ensure().execute(f"ROLLBACK PREPARED '{gid}'")
+            pg = self._ensure()
+            pg.execute(f"ROLLBACK PREPARED '{gid}'")
+            self._forget(pg, gid)
         except Exception:
-            # Left prepared: the next start rolls it back, as the store never recorded it.
+            # Rolled back before the next prepare, or by the next start (the store never
+            # recorded it).
             self._conn = None
+            self._unresolved.append(gid)
 
     def close(self) -> None:
         if self._conn is not None and not self._conn.closed:

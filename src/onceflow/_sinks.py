@@ -40,13 +40,24 @@ class Sink:
     """
 
     guarantee: ClassVar[Guarantee] = "at-least-once"
-    # Whether the sink writes into the embedded store's own transaction (or outbox);
-    # such sinks cannot run on Kafka.
+    # Whether the sink writes into the embedded store's own tables (or outbox); such
+    # sinks cannot run on Kafka. The others implement `open_on_kafka`.
     needs_store: ClassVar[bool] = True
     name: str = "sink"
 
     def open(self, app: str, conn: sqlite3.Connection) -> None:
         """Called once at start, before any epoch; recover anything pending here."""
+
+    def open_on_kafka(self, app: str, session: Any) -> None:
+        """On the Kafka backend, instead of `open`: once at start, before any partition
+        is assigned."""
+
+    def partitions_assigned(self, parts: list[tuple[str, int]]) -> None:
+        """Kafka: this worker just got `parts`, before reading them; recover what is
+        pending on them here."""
+
+    def partitions_revoked(self, parts: list[tuple[str, int]]) -> None:
+        """Kafka: `parts` went to another worker (their epoch was committed or dropped)."""
 
     def prepare(
         self, rows: Sequence[Row], positions: dict[tuple[str, int], int], fence: int

@@ -1,0 +1,174 @@
+"""Where the effect journal lives: the embedded store's `effects` table, or on Kafka the
+local store of each input partition plus its changelog topic.
+
+`EffectSink` holds the delivery logic and talks to either through the same four calls:
+`add` (inside the epoch's transaction), `pending`, `attempt_failed` and `settle`
+(journal an outcome durably, a dead letter with it), then `flush`.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ._records import Columns
+from ._serde import encode_value
+from ._sinks import Row
+
+SQLITE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS effects(app TEXT NOT NULL, sink TEXT NOT NULL, "
+    "seq INTEGER NOT NULL, key TEXT NOT NULL, payload BLOB NOT NULL, status TEXT NOT NULL, "
+    "attempts INTEGER NOT NULL DEFAULT 0, response BLOB, error TEXT, "
+    "PRIMARY KEY(app, sink, seq)) WITHOUT ROWID"
+)
+
+KeyFn = Callable[[tuple[str, int, int, int]], str]
+
+
+@dataclass(frozen=True)
+class Intent:
+    """A journalled effect: `ref` locates it in its journal."""
+
+    ref: Any
+    key: str
+    payload: bytes
+
+
+class Journal(Protocol):
+    def add(self, txn: Any, rows: Sequence[Row], key: KeyFn) -> None: ...
+
+    def pending(self) -> list[Intent]: ...
+
+    def attempt_failed(self, intent: Intent, error: str) -> None: ...
+
+    def settle(
+        self, intent: Intent, status: str, response: bytes | None, error: str | None
+    ) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+def dead_letter_headers(app: str, sink: str, error: str) -> dict[str, str]:
+    return {"onceflow-error": error[:2000], "onceflow-step": sink, "onceflow-app": app}
+
+
+class SQLiteJournal:
+    """The embedded store's table; each outcome in its own small transaction."""
+
+    def __init__(
+        self, conn: sqlite3.Connection, app: str, sink: str, store: Any, dead_letter_topic: str
+    ) -> None:
+        self.conn, self.app, self.sink = conn, app, sink
+        self.store, self.dead_letter_topic = store, dead_letter_topic
+        conn.execute(SQLITE_SCHEMA)
+
+    def add(self, txn: Any, rows: Sequence[Row], key: KeyFn) -> None:
+        (last,) = txn.execute(
+            "SELECT COALESCE(MAX(seq), -1) FROM effects WHERE app=? AND sink=?",
+            (self.app, self.sink),
+        ).fetchone()
+        txn.executemany(
+            "INSERT INTO effects(app, sink, seq, key, payload, status) VALUES(?,?,?,?,?,'pending')",
+            [
+                (self.app, self.sink, last + 1 + i, key(row_id), encode_value(value))
+                for i, (_, value, row_id) in enumerate(rows)
+            ],
+        )
+
+    def pending(self) -> list[Intent]:
+        return [
+            Intent(seq, key, payload)
+            for seq, key, payload in self.conn.execute(
+                "SELECT seq, key, payload FROM effects WHERE app=? AND sink=? "
+                "AND status='pending' ORDER BY seq",
+                (self.app, self.sink),
+            )
+        ]
+
+    def attempt_failed(self, intent: Intent, error: str) -> None:
+        self.conn.execute(
+            "UPDATE effects SET attempts=attempts+1, error=? WHERE app=? AND sink=? AND seq=?",
+            (error, self.app, self.sink, intent.ref),
+        )
+
+    def settle(
+        self, intent: Intent, status: str, response: bytes | None, error: str | None
+    ) -> None:
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "UPDATE effects SET status=?, response=?, error=?, attempts=attempts+1 "
+            "WHERE app=? AND sink=? AND seq=?",
+            (status, response, error, self.app, self.sink, intent.ref),
+        )
+        if status == "dead":
+            self._dead_letter(intent, error or "")
+        conn.execute("COMMIT")
+
+    def _dead_letter(self, intent: Intent, error: str) -> None:
+        if self.store is None or not self.dead_letter_topic:
+            return
+        found = self.store.topic(self.dead_letter_topic)
+        if found is None:
+            return
+        headers = dead_letter_headers(self.app, self.sink, error)
+        self.store.append(
+            self.conn,
+            found[0],
+            0,
+            Columns([None], [intent.payload], [headers], [time.time()], [intent.key]),
+        )
+
+    def flush(self) -> None:
+        """Each outcome was committed by `settle`."""
+
+
+class KafkaJournal:
+    """Intents in the local store of their input partition, through its changelog, so
+    that the worker that takes the partition over finds them. Outcomes are journalled
+    together by one small Kafka transaction per delivery round (`flush`)."""
+
+    def __init__(self, session: Any, app: str, sink: str, dead_letter_topic: str) -> None:
+        self.session, self.app, self.sink = session, app, sink
+        self.dead_letter_topic = dead_letter_topic
+        self._settled: list[tuple[Intent, str, bytes | None, str | None]] = []
+
+    def add(self, txn: Any, rows: Sequence[Row], key: KeyFn) -> None:
+        for _, value, row_id in rows:
+            topic, part, off, idx = row_id
+            self.session.write_effect(
+                topic, part, self.sink, key(row_id), (off, idx, encode_value(value))
+            )
+
+    def pending(self) -> list[Intent]:
+        return [
+            Intent(ref, key, payload)
+            for ref, key, payload in self.session.pending_effects(self.sink)
+        ]
+
+    def attempt_failed(self, intent: Intent, error: str) -> None:
+        """Not journalled: the intent stays pending, with its key."""
+
+    def settle(
+        self, intent: Intent, status: str, response: bytes | None, error: str | None
+    ) -> None:
+        self._settled.append((intent, status, response, error))
+
+    def flush(self) -> None:
+        settled, self._settled = self._settled, []
+        if not settled:
+            return
+        dead = [
+            (i.payload, i.key, dead_letter_headers(self.app, self.sink, e or ""))
+            for i, status, _, e in settled
+            if status == "dead"
+        ]
+        self.session.settle_effects(
+            self.sink,
+            [(i.ref, i.key, status, response, error) for i, status, response, error in settled],
+            self.dead_letter_topic,
+            dead,
+        )
