@@ -69,6 +69,10 @@ ARMED_WAIT_S = 30.0
 MAX_UNPLANNED_DEATHS = 40
 # How often the supervisor asks the cluster for progress: each look costs round trips.
 LOOK_EVERY_S = 0.25
+# A worker stopped sooner than this after its start may not have installed its SIGTERM
+# handler yet (Python is still importing) and would die of the signal instead of
+# stopping cleanly; the final stop waits for every worker to be this old.
+SETTLE_S = 5.0
 
 
 def scratch_store(store: str) -> str:
@@ -228,6 +232,7 @@ class _KafkaRun:
         self._last_look = 0.0
         self._at_last_kill = -1
         self._kill_due: float | None = None
+        self._born: dict[int, float] = {}
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -242,6 +247,7 @@ class _KafkaRun:
     def _start(self, slot: int) -> None:
         """A new incarnation of `slot`, armed with the next crash point if that is the
         next kill and no other worker carries it."""
+        self._born[slot] = time.monotonic()
         pending = self._pending()
         if self.armed is None and pending is not None and pending.how == "crash_at":
             self.armed = (pending, slot, time.monotonic())
@@ -382,7 +388,9 @@ class _KafkaRun:
         self.say(f"[yellow]kill {self._kills_done()}/{len(self.plan) + len(self.bplan)}[/]: {note}")
 
     def _finish(self) -> bool:
-        """Everything sent is committed: stop every worker with SIGTERM."""
+        """Everything sent is committed: stop every worker with SIGTERM, once settled."""
+        if any(time.monotonic() - born < SETTLE_S for born in self._born.values()):
+            return True
         for slot, child in self.pool.children.items():
             rc = child.stop()
             if rc != 0:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -69,6 +70,37 @@ def _retrying(ck: Any, fn: Callable[[], Any], what: str) -> Any:
             ):
                 raise StoreError(f"{what}: {exc.args[0]}") from exc
             time.sleep(0.2)
+
+
+def _bounded(fn: Callable[[], Any], what: str) -> Any:
+    """A transactional client call that returns within TXN_TIMEOUT_S, whatever happens.
+
+    librdkafka's send_offsets_to_transaction can block far past its own timeout when the
+    group coordinator went away mid-transaction (librdkafka#5456): seen here as a worker
+    stuck for minutes after a broker restart, until the group evicted it. The call runs
+    in a thread; one that does not return in time is abandoned and reported as a
+    failure, and the caller's recovery (abort, or a new producer, which fences the old
+    one) takes over: the transaction cannot commit behind the new producer's back."""
+    box: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as exc:
+            box.append((False, exc))
+
+    t = threading.Thread(target=run, name=f"onceflow-{what}", daemon=True)
+    t.start()
+    t.join(TXN_TIMEOUT_S + 1.0)
+    if not box:
+        raise StoreError(
+            f"{what} did not return within {TXN_TIMEOUT_S:.0f}s (the broker or its "
+            "coordinator is unreachable); the transaction is abandoned"
+        )
+    ok, value = box[0]
+    if ok:
+        return value
+    raise value
 
 
 def transaction_timeout_ms(commit_interval: float) -> int:
@@ -824,9 +856,12 @@ class KafkaSession:
         tps = [
             self.ck.TopicPartition(self.url.topic(t), p, off) for (t, p), off in positions.items()
         ]
+        meta = self.consumer.consumer_group_metadata()
+        producer = self.producer
         self._guard(
-            lambda: self.producer.send_offsets_to_transaction(
-                tps, self.consumer.consumer_group_metadata(), TXN_TIMEOUT_S
+            lambda: _bounded(
+                lambda: producer.send_offsets_to_transaction(tps, meta, TXN_TIMEOUT_S),
+                "send_offsets_to_transaction",
             )
         )
 
@@ -841,14 +876,20 @@ class KafkaSession:
         )
 
     def commit(self, txn: Any) -> None:
-        self._guard(lambda: self.producer.commit_transaction(TXN_TIMEOUT_S))
+        producer = self.producer
+        self._guard(
+            lambda: _bounded(
+                lambda: producer.commit_transaction(TXN_TIMEOUT_S), "commit_transaction"
+            )
+        )
 
     def rollback(self, txn: Any) -> None:
         self._pending = {}
         if self.fenced:
             return
         try:
-            self.producer.abort_transaction(TXN_TIMEOUT_S)
+            producer = self.producer
+            _bounded(lambda: producer.abort_transaction(TXN_TIMEOUT_S), "abort_transaction")
         except Exception as exc:
             if self._fenced(exc) is not None:
                 self.fenced = True
