@@ -13,7 +13,9 @@ given a `postgres` keyword parameter, it is also passed the URL of the crashing 
 PostgreSQL database.
 
 An App with a PostgresSink needs `postgres=` (`--postgres`), a server on which chaos
-creates a scratch database per run and audits what landed there; see `_chaos_postgres`.
+creates a scratch database per run and audits what landed there, on the embedded store
+and on Kafka (where every worker writes into the crashing run's database); see
+`_chaos_postgres`.
 """
 
 from __future__ import annotations
@@ -223,7 +225,7 @@ def run_chaos(
     t0 = time.monotonic()
     app = load_app(target)
     module = target.partition(":")[0]
-    dbs = _scratch_postgres(app, module, store, postgres, progress)
+    dbs = _scratch_postgres(app, module, postgres, progress)
     try:
         return _run_chaos(
             target,
@@ -251,7 +253,6 @@ def run_chaos(
 def _scratch_postgres(
     app: App,
     module: str,
-    store: str | None,
     postgres: str | None,
     progress: Callable[[str], None],
 ) -> chaos_pg.ScratchDatabases | None:
@@ -267,12 +268,6 @@ def _scratch_postgres(
                 "create and drop scratch databases"
             )
         return None
-    if store is not None and is_kafka(store):
-        raise ConfigError(
-            "--postgres audits PostgresSinks on the embedded store only: on Kafka the "
-            "sink's two-phase commit is not coordinated yet; operator action: leave out "
-            "--store to run chaos on the embedded store"
-        )
     dbs = chaos_pg.ScratchDatabases.create(postgres, _optional(module, "chaos_postgres_setup"))
     progress(f"PostgreSQL scratch databases {', '.join(dbs.names)}")
     try:
@@ -426,7 +421,7 @@ def _run_chaos(
             )
         )
     if dbs is not None:
-        result.checks.extend(chaos_pg.audit(app, crashed_store, dbs))
+        result.checks.extend(chaos_pg.audit(app, crashed_store, dbs, ref_store))
     _audit_coverage(result, points)
     audit = _optional(module, "chaos_audit")
     if audit is not None:
