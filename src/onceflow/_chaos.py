@@ -68,6 +68,8 @@ class ChaosResult:
     seconds: float = 0.0
     # The scratch PostgreSQL databases (crashing run, reference run), if any.
     postgres_databases: tuple[str, ...] = ()
+    # The scratch stores (crashing run, reference run): SQLite paths or Kafka namespaces.
+    stores: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -304,6 +306,7 @@ def _run_chaos(
     result = ChaosResult(events=len(evs), postgres_databases=dbs.names if dbs else ())
     os.makedirs(workdir, exist_ok=True)
     crashed_store, ref_store = _stores(store, workdir)
+    result.stores = (crashed_store, ref_store)
     on_kafka = is_kafka(crashed_store)
     if not on_kafka:
         # Two processes of one App on one SQLite store fence each other in turn.
