@@ -13,7 +13,9 @@ given a `postgres` keyword parameter, it is also passed the URL of the crashing 
 PostgreSQL database.
 
 An App with a PostgresSink needs `postgres=` (`--postgres`), a server on which chaos
-creates a scratch database per run and audits what landed there; see `_chaos_postgres`.
+creates a scratch database per run and audits what landed there, on the embedded store
+and on Kafka (where every worker writes into the crashing run's database); see
+`_chaos_postgres`.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class ChaosResult:
     seconds: float = 0.0
     # The scratch PostgreSQL databases (crashing run, reference run), if any.
     postgres_databases: tuple[str, ...] = ()
+    # The scratch stores (crashing run, reference run): SQLite paths or Kafka namespaces.
+    stores: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -223,7 +227,7 @@ def run_chaos(
     t0 = time.monotonic()
     app = load_app(target)
     module = target.partition(":")[0]
-    dbs = _scratch_postgres(app, module, store, postgres, progress)
+    dbs = _scratch_postgres(app, module, postgres, progress)
     try:
         return _run_chaos(
             target,
@@ -251,7 +255,6 @@ def run_chaos(
 def _scratch_postgres(
     app: App,
     module: str,
-    store: str | None,
     postgres: str | None,
     progress: Callable[[str], None],
 ) -> chaos_pg.ScratchDatabases | None:
@@ -267,12 +270,6 @@ def _scratch_postgres(
                 "create and drop scratch databases"
             )
         return None
-    if store is not None and is_kafka(store):
-        raise ConfigError(
-            "--postgres audits PostgresSinks on the embedded store only: on Kafka the "
-            "sink's two-phase commit is not coordinated yet; operator action: leave out "
-            "--store to run chaos on the embedded store"
-        )
     dbs = chaos_pg.ScratchDatabases.create(postgres, _optional(module, "chaos_postgres_setup"))
     progress(f"PostgreSQL scratch databases {', '.join(dbs.names)}")
     try:
@@ -309,6 +306,7 @@ def _run_chaos(
     result = ChaosResult(events=len(evs), postgres_databases=dbs.names if dbs else ())
     os.makedirs(workdir, exist_ok=True)
     crashed_store, ref_store = _stores(store, workdir)
+    result.stores = (crashed_store, ref_store)
     on_kafka = is_kafka(crashed_store)
     if not on_kafka:
         # Two processes of one App on one SQLite store fence each other in turn.
@@ -426,7 +424,7 @@ def _run_chaos(
             )
         )
     if dbs is not None:
-        result.checks.extend(chaos_pg.audit(app, crashed_store, dbs))
+        result.checks.extend(chaos_pg.audit(app, crashed_store, dbs, ref_store))
     _audit_coverage(result, points)
     audit = _optional(module, "chaos_audit")
     if audit is not None:

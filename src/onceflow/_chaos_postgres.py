@@ -3,19 +3,32 @@
 Given a server (`--postgres postgresql://user@host:port/db`), chaos creates two fresh
 databases on it, `onceflow_chaos_<tag>` for the crashing run and `onceflow_ref_<tag>`
 for the reference run, so that the two runs never write into one table, and neither
-writes into the database the pipeline names. The child processes find theirs in
-`ONCEFLOW_CHAOS_POSTGRES_URL`, which every PostgresSink honours over its own URL; the
-reference run, in this process, has its sinks pointed at the other database directly.
+writes into the database the pipeline names. The child processes (one on the embedded
+store, every worker on Kafka) find theirs in `ONCEFLOW_CHAOS_POSTGRES_URL`, which every
+PostgresSink honours over its own URL; the reference run, in this process, has its
+sinks pointed at the other database directly.
 
 The pipeline module creates its tables by defining `chaos_postgres_setup(conn)`, called
 once per scratch database with a psycopg connection in autocommit mode. Without it the
 databases start empty, and a `PostgresSink(table=...)` fails before the first kill with
 its own "table does not exist" error.
 
-The audit, after the drain: every table of the crashing run's database holds the same
-rows as the reference run's (as multisets; the sink's own epoch table aside, since
-epochs count restarts), every sink's recorded offsets equal the App's committed
-consumer offsets, and no prepared transaction is left in the database.
+The audit, after the drain, on either backend:
+
+- every table of the crashing run's database holds the same rows as the reference
+  run's (as multisets). The sink's bookkeeping is left out: epochs and, on Kafka,
+  per-partition fences count restarts and rebalances, by design; intents are
+  checked on their own (below); recorded offsets are checked against the store;
+- no sink's recorded offsets are ahead of the committed consumer offsets (the
+  SQLite store's group offsets, or the Kafka consumer group's): PostgreSQL would hold
+  an epoch that the store never committed. Behind is no finding by itself: a sink
+  records offsets only in epochs that give it rows (see `check_offsets`);
+- no prepared transaction is left in the database;
+- on Kafka, no intent (`onceflow_sink_intents`) is left for a transaction still
+  prepared. An intent whose transaction never prepared, or was settled without the
+  intent being deleted (a kill in between), is harmless: recovery reads intents only
+  joined with `pg_prepared_xacts`, prepared ids are never reused, and the next
+  assignment of its partition sweeps it. Those are counted in the detail.
 """
 
 from __future__ import annotations
@@ -31,14 +44,20 @@ from urllib.parse import urlsplit, urlunsplit
 
 from ._app import App
 from ._errors import ConfigError, StoreError
+from ._kafka_common import is_kafka
 from ._postgres_sink import CHAOS_URL_ENV, PostgresSink, _psycopg, redact
 from ._sqlite import SQLiteStore
 
 Check = tuple[str, bool, str]
 Row = tuple[Any, ...]
+TP = tuple[str, int]
+# The committed consumer offsets of some partitions of one run's store (absent: none).
+Committed = Callable[[set[TP]], dict[TP, int]]
 
-# Epochs are fencing tokens: a run with restarts has higher ones, by design.
-_NOT_COMPARED = {"onceflow_sink_epochs"}
+# Epochs and fences are fencing tokens: a run with restarts (or, on Kafka, rebalances)
+# has higher ones, by design. Intents are checked by `check_intents`.
+_INTENTS_TABLE = "onceflow_sink_intents"
+_NOT_COMPARED = {"onceflow_sink_epochs", "onceflow_sink_fences", _INTENTS_TABLE}
 _OFFSETS_TABLE = "onceflow_sink_offsets"
 # How many rows of each kind a failing table comparison shows.
 _SAMPLE = 3
@@ -137,12 +156,26 @@ def _point(sink: PostgresSink, url: str) -> None:
     sink.url = url
 
 
-def audit(app: App, store: str, dbs: ScratchDatabases) -> list[Check]:
-    """The PostgreSQL checks of a drained chaos run (embedded store)."""
+def audit(app: App, store: str, dbs: ScratchDatabases, reference_store: str) -> list[Check]:
+    """The PostgreSQL checks of a drained chaos run, on the embedded store or Kafka.
+
+    `store` and `reference_store` are the two runs' stores: each sink's recorded offsets
+    are compared with the consumer offsets of its own run.
+    """
     with _connect(dbs.chaos_url) as got, _connect(dbs.reference_url) as want:
         checks = compare_databases(got, want)
-        checks.extend(check_offsets(app, got, want, _store_offsets(app, store)))
+        checks.extend(
+            check_offsets(
+                app,
+                got,
+                want,
+                committed_offsets(app.name, store),
+                committed_offsets(app.name, reference_store),
+            )
+        )
         checks.append(check_prepared(got))
+        if is_kafka(store):
+            checks.append(check_intents(got))
     return checks
 
 
@@ -152,36 +185,91 @@ def compare_databases(got: Any, want: Any) -> list[Check]:
     return [_compare_table(got, want, t) for t in tables]
 
 
-def check_offsets(
-    app: App, got: Any, want: Any, consumer: Callable[[str], dict[int, int]]
-) -> list[Check]:
-    """Each sink's recorded offsets equal the store's committed ones.
+def committed_offsets(app: str, store: str) -> Committed:
+    """The App's committed consumer offsets in `store`: the embedded store's group
+    offsets, or the Kafka consumer group's (read with the AdminClient, joining nothing)."""
+    if is_kafka(store):
 
-    A sink records the epoch's positions with its rows, in its own transaction, so after
-    the drain they must have caught up with the store: one ahead committed in PostgreSQL
-    an epoch that the store did not, one behind lost a committed epoch. The partitions
-    compared are those the sink recorded in either run. A sink records offsets only in
-    epochs that give it rows, so one behind a filter that drops a partition's last
-    records shows as behind without having lost anything.
+        def kafka(keys: set[TP]) -> dict[TP, int]:
+            from ._kafka_status import Cluster
+
+            return Cluster(store).committed(app, sorted(keys)) if keys else {}
+
+        return kafka
+
+    def embedded(keys: set[TP]) -> dict[TP, int]:
+        st = SQLiteStore(store)
+        try:
+            out: dict[TP, int] = {}
+            for topic in {t for t, _ in keys}:
+                for part, off in st.committed(app, topic).items():
+                    if (topic, part) in keys:
+                        out[(topic, int(part))] = int(off)
+            return out
+        finally:
+            st.close()
+
+    return embedded
+
+
+def check_offsets(
+    app: App, got: Any, want: Any, committed: Committed, reference: Committed
+) -> list[Check]:
+    """No sink's recorded offsets are ahead of its run's committed consumer offsets.
+
+    A sink records the epoch's positions with its rows, in its own transaction, and its
+    prepared transaction commits only once the store committed the epoch (or, on Kafka,
+    once the group's offsets reached them). Ahead, then, means PostgreSQL holds an epoch
+    that the store never committed: the check fails.
+
+    Behind is reported, never failed on: a sink records offsets only in epochs that give
+    it rows, so a sink behind a filter (or a key_by whose last records of a partition
+    went to another sink) stays behind without having lost anything, and where epochs
+    end differs between a crashing run and the reference. A lost epoch shows as missing
+    rows in the table comparison, which is the check for that. The detail says, for
+    each partition behind, whether the reference run's sink is behind on it too (the
+    same records gave it no rows there either).
+
+    The partitions compared are those the sink recorded in either run, and `reference`
+    gives the reference run's committed offsets.
     """
     checks: list[Check] = []
     for sink in postgres_sinks(app):
         recorded = _sink_offsets(got, app.name, sink.name)
-        keys = set(recorded) | set(_sink_offsets(want, app.name, sink.name))
-        committed = {topic: consumer(topic) for topic in {t for t, _ in keys}}
-        wrong = [
-            f"{t}[{p}]: {recorded.get((t, p))} in PostgreSQL, {committed[t].get(p)} committed"
-            for t, p in sorted(keys)
-            if recorded.get((t, p)) != committed[t].get(p)
-        ]
+        ref_recorded = _sink_offsets(want, app.name, sink.name)
+        keys = set(recorded) | set(ref_recorded)
+        have = committed(keys)
+        ahead = [tp for tp in sorted(recorded) if recorded[tp] > have.get(tp, -1)]
+        behind = [tp for tp in sorted(keys) if recorded.get(tp, -1) < have.get(tp, -1)]
+        ref_have = reference(set(behind)) if behind else {}
+        if ahead:
+            detail = "AHEAD of the committed offsets (an epoch the store never committed): "
+            detail += "; ".join(_shown(tp, recorded, have) for tp in ahead[:5])
+        else:
+            detail = f"{len(keys) - len(behind)} of {len(keys)} partitions equal"
+        if behind and not ahead:
+            detail += "; behind (records that gave this sink no rows; rows compared above): "
+            detail += "; ".join(
+                _shown(tp, recorded, have)
+                + (
+                    ", the reference run's sink behind too"
+                    if ref_recorded.get(tp, -1) < ref_have.get(tp, -1)
+                    else ", not behind in the reference run"
+                )
+                for tp in behind[:5]
+            )
         checks.append(
             (
-                f"offsets of PostgresSink '{sink.name}' equal the consumer offsets",
-                not wrong,
-                "; ".join(wrong[:5]) or f"{len(keys)} partitions",
+                f"offsets of PostgresSink '{sink.name}' not ahead of the consumer offsets",
+                not ahead,
+                detail,
             )
         )
     return checks
+
+
+def _shown(tp: TP, recorded: dict[TP, int], committed: dict[TP, int]) -> str:
+    return f"{tp[0]}[{tp[1]}]: {recorded.get(tp)} in PostgreSQL, {committed.get(tp)} committed"
 
 
 def check_prepared(got: Any) -> Check:
@@ -196,6 +284,24 @@ def check_prepared(got: Any) -> Check:
         not gids,
         ", ".join(gids[:5]) or "none",
     )
+
+
+def check_intents(got: Any) -> Check:
+    """Kafka: no intent is left for a transaction still prepared (see the module doc);
+    intents of transactions no longer prepared are harmless, and counted."""
+    if _INTENTS_TABLE not in _tables(got):
+        return ("no sink intent left pending in PostgreSQL", True, "no intents table")
+    rows = got.execute(
+        "SELECT i.gid, x.gid IS NOT NULL FROM onceflow_sink_intents i "
+        "LEFT JOIN pg_prepared_xacts x ON x.gid = i.gid AND x.database = current_database() "
+        "GROUP BY i.gid, x.gid ORDER BY 1"
+    ).fetchall()
+    pending = [gid for gid, prepared in rows if prepared]
+    stale = len(rows) - len(pending)
+    detail = f"pending: {', '.join(pending[:5])}" if pending else "none pending"
+    if stale:
+        detail += f"; {stale} of transactions no longer prepared (harmless, swept later)"
+    return ("no sink intent left pending in PostgreSQL", not pending, detail)
 
 
 def diff_rows(got: Iterable[Row], want: Iterable[Row], key: list[int]) -> list[str]:
@@ -292,17 +398,6 @@ def _sink_offsets(conn: Any, app: str, sink: str) -> dict[tuple[str, int], int]:
             (app, sink),
         )
     }
-
-
-def _store_offsets(app: App, store: str) -> Callable[[str], dict[int, int]]:
-    def committed(topic: str) -> dict[int, int]:
-        st = SQLiteStore(store)
-        try:
-            return st.committed(app.name, topic)
-        finally:
-            st.close()
-
-    return committed
 
 
 def _rollback_prepared(url: str) -> None:
