@@ -38,6 +38,15 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 _BROKERS: list[Any] = []
 
 
+@pytest.fixture
+def own_broker(tmp_path: Path) -> Iterator[Any]:
+    """A broker of this test's own: it is killed mid-run, which must not disturb others."""
+    from .helpers import own_broker as start
+
+    with start(tmp_path / "kafka") as broker:
+        yield broker
+
+
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """One real PostgreSQL server (throwaway cluster, loopback) for the whole session."""

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from onceflow import Consumer, Record
 
@@ -21,3 +26,19 @@ def read_all(store: str, topic: str) -> list[Record]:
 
 def values(store: str, topic: str) -> list[Any]:
     return [json.loads(r.value) for r in read_all(store, topic)]
+
+
+@contextlib.contextmanager
+def own_broker(path: Path) -> Iterator[Any]:
+    """A broker of the caller's own: a test that kills it must not disturb the others."""
+    from infra.kafka_broker import KafkaBroker, KafkaUnavailable
+
+    broker = KafkaBroker(path)
+    try:
+        broker.start()
+    except KafkaUnavailable as exc:
+        pytest.skip(f"Kafka tests need Java 17 and Maven: {exc}")
+    try:
+        yield broker
+    finally:
+        broker.stop()

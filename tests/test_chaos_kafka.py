@@ -3,7 +3,6 @@ the broker SIGKILLed and restarted, a read_committed consumer watching, then the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,22 +12,6 @@ from onceflow._chaos import run_chaos
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.kafka
-
-
-@pytest.fixture
-def own_broker(tmp_path: Path) -> Iterator[object]:
-    """A broker of this test's own: it is killed mid-run, which must not disturb others."""
-    from infra.kafka_broker import KafkaBroker, KafkaUnavailable
-
-    broker = KafkaBroker(tmp_path / "kafka")
-    try:
-        broker.start()
-    except KafkaUnavailable as exc:
-        pytest.skip(f"Kafka tests need Java 17 and Maven: {exc}")
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def test_chaos_on_kafka_with_worker_and_broker_kills(

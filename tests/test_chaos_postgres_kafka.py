@@ -15,15 +15,13 @@ from onceflow._chaos import run_chaos
 from onceflow._chaos_postgres import ScratchDatabases, audit
 from onceflow._loader import load_app
 
-from .test_chaos_kafka import own_broker  # noqa: F401  (a fixture)
-
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = "tests.chaos_pg:app"
 
 
 def test_chaos_postgres_on_kafka_with_worker_and_broker_kills(
-    own_broker: Any,  # noqa: F811
+    own_broker: Any,
     postgres_server: Any,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,

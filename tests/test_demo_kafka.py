@@ -27,36 +27,29 @@ from onceflow._demo import (
 )
 from onceflow._kafka_clients import read_committed
 
+from .helpers import own_broker
+
 pytestmark = pytest.mark.kafka
 
 
 @pytest.fixture(scope="module")
-def own_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def demo_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """Killed mid-run, so it must not be the session's broker."""
-    from infra.kafka_broker import KafkaBroker, KafkaUnavailable
-
-    broker = KafkaBroker(tmp_path_factory.mktemp("demo-kafka"))
-    try:
-        broker.start()
-    except KafkaUnavailable as exc:
-        pytest.skip(f"Kafka tests need Java 17 and Maven: {exc}")
-    try:
+    with own_broker(tmp_path_factory.mktemp("demo-kafka")) as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 @pytest.fixture(scope="module")
-def kafka_run(own_broker: Any, tmp_path_factory: pytest.TempPathFactory) -> DemoResult:
+def kafka_run(demo_broker: Any, tmp_path_factory: pytest.TempPathFactory) -> DemoResult:
     return run_demo(
         payments=5_000,
         kills=4,
         seed=77,
         directory=tmp_path_factory.mktemp("demo") / "data",
         rate=2_000,
-        store=f"kafka://{own_broker.bootstrap}",
+        store=f"kafka://{demo_broker.bootstrap}",
         workers=2,
-        broker=own_broker,
+        broker=demo_broker,
         broker_kills=1,
         timeout=300,
     )
