@@ -234,3 +234,14 @@ def test_sinks_of_the_embedded_store_are_still_refused_on_kafka(kstore: str) -> 
     app.source("in").sink(SQLiteTableSink("t", key=["k"], columns=["k"]))
     with pytest.raises(ConfigError, match="use PostgresSink for a table"):
         app.build()
+
+
+def test_an_effect_sink_fed_by_two_sources_is_refused_on_kafka(kstore: str) -> None:
+    from onceflow import EffectSink
+
+    app = App("two-feeds", store=kstore)
+    effect = EffectSink(lambda value, key: None, name="notify")
+    app.source("a").sink(effect)
+    app.source("b").sink(effect)
+    with pytest.raises(ConfigError, match=r"fed by sources \['a', 'b'\]"):
+        app.build()

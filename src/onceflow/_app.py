@@ -180,6 +180,27 @@ class App:
                 "Kafka; operator action: write to a topic with to(), use PostgresSink for a "
                 "table or EffectSink for a side effect, or run on a SQLite store"
             )
+        if is_kafka(self.store):
+            self._check_effect_sources()
+
+    def _check_effect_sources(self) -> None:
+        """On Kafka an effect sink's journal lives in the state of one input topic's
+        partitions; a sink fed by two sources would journal half its intents nowhere."""
+        feeds: dict[str, set[str]] = {}
+        for src in self._sources:
+            stack = list(src.children)
+            while stack:
+                step = stack.pop()
+                if step.kind == "sink" and isinstance(step.fn, EffectSink):
+                    feeds.setdefault(step.name, set()).add(src.options["topic"])
+                stack.extend(step.children)
+        for name, topics in feeds.items():
+            if len(topics) > 1:
+                raise ConfigError(
+                    f"effect sink '{name}' is fed by sources {sorted(topics)}; on Kafka its "
+                    "journal is partitioned like one input topic. Operator action: give each "
+                    "source its own effect sink (name=...)"
+                )
 
     def stop(self) -> None:
         """Ask `run()` to commit what it has and return. Safe from any thread."""
