@@ -93,3 +93,29 @@ def test_a_broker_that_cannot_run_transactions_is_refused(
             app.run(until_idle=True)
     finally:
         broker.stop()
+
+
+def test_a_producer_rides_out_a_broker_restart(own_broker: Any) -> None:
+    """Sends made while the broker is down (a new topic among them) are acknowledged once
+    it is back, each once: the demo's producer process must survive a broker kill."""
+    import threading
+
+    store = f"kafka://{own_broker.bootstrap}"
+    with Producer(store, partitions=2) as p:
+        p.send("before", {"n": 0}, key="k")
+        own_broker.kill()
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                p.send_batch("during", [(f"k{i}", {"n": i}, f"id-{i}") for i in range(50)])
+            except BaseException as exc:
+                errors.append(exc)
+
+        t = threading.Thread(target=send)
+        t.start()
+        own_broker.restart()
+        t.join(180)
+        assert not t.is_alive() and errors == []
+    got = sorted(json.loads(r.value)["n"] for r in read_all(store, "during"))
+    assert got == list(range(50))

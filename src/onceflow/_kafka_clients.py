@@ -20,6 +20,9 @@ from ._records import Record, SendResult
 from ._serde import encode_value
 
 _TIMEOUT_S = 30.0
+# How long a send may wait for its acknowledgement. The client retries through a broker
+# restart by itself (idempotently, so never twice); this bounds how long it tries.
+SEND_TIMEOUT_S = 120.0
 
 
 class KafkaProducerImpl:
@@ -41,6 +44,7 @@ class KafkaProducerImpl:
                 "acks": "all",
                 "client.id": producer_id,
                 "linger.ms": 2,
+                "message.timeout.ms": int(SEND_TIMEOUT_S * 1000),
             }
         )
         self.admin = self.ck.admin.AdminClient(
@@ -52,6 +56,19 @@ class KafkaProducerImpl:
         n = self._topics.get(topic)
         if n is not None:
             return n
+        # Through a broker restart: the admin calls fail at once while it is down.
+        deadline = time.monotonic() + SEND_TIMEOUT_S
+        while True:
+            try:
+                n = self._ensure_topic(topic)
+                self._topics[topic] = n
+                return n
+            except self.ck.KafkaException as exc:
+                if time.monotonic() > deadline or not _transient(self.ck, exc.args[0]):
+                    raise StoreError(f"cannot create topic '{topic}': {exc}") from exc
+                time.sleep(0.5)
+
+    def _ensure_topic(self, topic: str) -> int:
         name = self.url.topic(topic)
         md = self.admin.list_topics(timeout=_TIMEOUT_S)
         if name not in md.topics:
@@ -63,12 +80,11 @@ class KafkaProducerImpl:
                 fut.result()
             except self.ck.KafkaException as exc:
                 if exc.args[0].code() != self.ck.KafkaError.TOPIC_ALREADY_EXISTS:
-                    raise StoreError(f"cannot create topic '{topic}': {exc}") from exc
+                    raise
         deadline = time.monotonic() + _TIMEOUT_S
         while True:
             t = self.admin.list_topics(timeout=_TIMEOUT_S).topics.get(name)
             if t is not None and t.partitions and t.error is None:
-                self._topics[topic] = len(t.partitions)
                 return len(t.partitions)
             if time.monotonic() > deadline:
                 raise StoreError(f"topic '{topic}' did not appear on {self.url.bootstrap}")
@@ -118,7 +134,7 @@ class KafkaProducerImpl:
                     break
                 except BufferError:
                     self.producer.poll(0.05)
-        remaining = self.producer.flush(_TIMEOUT_S)
+        remaining = self.producer.flush(SEND_TIMEOUT_S + 5.0)
         if remaining or errors:
             raise StoreError(
                 f"send to '{topic}' not acknowledged: {errors[0] if errors else 'timeout'}"
@@ -130,6 +146,18 @@ class KafkaProducerImpl:
 
     def close(self) -> None:
         self.producer.flush(_TIMEOUT_S)
+
+
+def _transient(ck: Any, err: Any) -> bool:
+    """An error that a broker coming back would clear."""
+    return bool(err.retriable()) or err.code() in (
+        ck.KafkaError._TRANSPORT,
+        ck.KafkaError._ALL_BROKERS_DOWN,
+        ck.KafkaError._TIMED_OUT,
+        ck.KafkaError.REQUEST_TIMED_OUT,
+        ck.KafkaError.NOT_CONTROLLER,
+        ck.KafkaError.LEADER_NOT_AVAILABLE,
+    )
 
 
 class KafkaConsumerImpl:
