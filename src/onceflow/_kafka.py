@@ -931,6 +931,9 @@ class KafkaSession:
         self.before_revoke = lambda: None
         self.assignment_changed = lambda: None
         self.sinks_revoked = lambda parts: None
+        # An assignment arriving while the consumer closes must not ask the group for
+        # offsets (it fails with _DESTROY and turns a clean stop into an error).
+        self.sinks_assigned = lambda parts: {}
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 self.consumer.close()
