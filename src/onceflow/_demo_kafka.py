@@ -53,6 +53,7 @@ from ._demo import (
     read_topic,
     run_audit,
 )
+from ._demo_postgres import DEMO_SINK_ENV
 from ._errors import StoreError
 from ._kafka_common import KafkaURL
 from ._records import Record
@@ -135,19 +136,23 @@ def run_kafka_demo(
     broker_kills: int,
     console: Console | None,
     timeout: float,
+    sink: str | None = None,
 ) -> DemoResult:
     t0 = time.monotonic()
     workdir = Path(prepare_dir(Path(directory))).parent
     run_store = scratch_store(store)
     _create_topics(run_store)
-    plan = plan_kills(kills, random.Random(seed ^ 0x5EED))
+    plan = plan_kills(kills, random.Random(seed ^ 0x5EED), sink=sink is not None)
     bplan = plan_broker_kills(broker_kills if broker is not None else 0, random.Random(seed))
+    pool = _Workers(CHILD_TARGET, run_store, workers, str(workdir))
+    # Always set, empty without a sink: one left in the shell must not add a sink.
+    pool.env[DEMO_SINK_ENV] = sink or ""
     run = _KafkaRun(
         run_store,
         plan,
         bplan,
         payments=payments,
-        pool=_Workers(CHILD_TARGET, run_store, workers, str(workdir)),
+        pool=pool,
         broker=broker,
         rng=random.Random(seed ^ 0xC0FFEE),
         console=console,
@@ -174,7 +179,7 @@ def run_kafka_demo(
     if run.error:
         return DemoResult(Audit([], {}), plan, time.monotonic() - t0, run_store, sent, run.error)
     run.say("auditing the committed data (read_committed) ...")
-    audit = run_audit(run_store)
+    audit = run_audit(run_store, sink)
     audit.checks.extend(run.kafka_checks())
     audit.figures.update(
         broker_kills=sum(1 for b in bplan if b.done),
