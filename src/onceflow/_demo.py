@@ -969,6 +969,10 @@ def run_demo(
             f"--store {store}: the embedded demo keeps its store in DIR/{STORE_FILE}; pass "
             "--dir for another place, or --store kafka://HOST:PORT to run on Kafka"
         )
+    t0 = time.monotonic()
+    # The directory before the database: a directory the demo refuses to wipe must not
+    # leave a database behind.
+    local_store = prepare_dir(Path(directory))
     run_db = _run_database(sink, console)
     if store is not None:
         from ._demo_kafka import run_kafka_demo
@@ -990,8 +994,7 @@ def run_demo(
         )
         result.sink = run_db or ""
         return result
-    t0 = time.monotonic()
-    store = prepare_dir(Path(directory))
+    store = local_store
     # Creates the schema before the probe reads it, whichever process starts first.
     Producer(store).close()
     plan = plan_kills(kills, random.Random(seed ^ 0x5EED), sink=run_db is not None)
