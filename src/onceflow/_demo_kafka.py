@@ -53,7 +53,7 @@ from ._demo import (
     read_topic,
     run_audit,
 )
-from ._demo_postgres import DEMO_SINK_ENV
+from ._demo_postgres import DEMO_SINK_ENV, settled
 from ._errors import StoreError
 from ._kafka_common import KafkaURL
 from ._records import Record
@@ -157,6 +157,7 @@ def run_kafka_demo(
         rng=random.Random(seed ^ 0xC0FFEE),
         console=console,
     )
+    run.sink = sink
     run.say(f"store {run_store} ({workers} workers)")
     args = {
         "store": run_store,
@@ -233,6 +234,7 @@ class _KafkaRun:
         self._last_look = 0.0
         self._at_last_kill = -1
         self._kill_due: float | None = None
+        self.sink: str | None = None
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -286,6 +288,8 @@ class _KafkaRun:
         self.drained = any(p.topic == TRANSFERS and p.end_offset > 0 for p in lags) and all(
             p.lag == 0 for p in lags
         )
+        if self.drained and self.sink:
+            self.drained = settled(self.sink, APP_NAME)
         if self.producer is not None:
             sent = self.producer.sent_counts().get("sent", 0)
             self.progress.update(sent, self.processed, self.producer.planned())

@@ -203,15 +203,34 @@ def _read(url: str, app: str) -> _Tables:
             )
         }
         balances = {(a, s): int(t) for a, s, t in conn.execute("SELECT * FROM balances")}
-        prepared = [
-            r[0]
-            for r in conn.execute(
-                "SELECT gid FROM pg_prepared_xacts "
-                "WHERE database = current_database() AND gid LIKE %s ORDER BY 1",
-                (f"onceflow.{app}.%",),
-            )
-        ]
+        prepared = _prepared(conn, app)
     return _Tables(ledger, balances, prepared)
+
+
+def _prepared(conn: Any, app: str) -> list[str]:
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT gid FROM pg_prepared_xacts "
+            "WHERE database = current_database() AND gid LIKE %s ORDER BY 1",
+            (f"onceflow.{app}.%",),
+        )
+    ]
+
+
+def settled(url: str, app: str) -> bool:
+    """Whether no transaction of the app is left prepared in the run's database.
+
+    On Kafka a worker killed between the Kafka commit and COMMIT PREPARED leaves its
+    transaction prepared until the worker that gets its partitions next settles it, so
+    committed offsets alone do not say that the run is over."""
+    from ._errors import StoreError
+
+    try:
+        with _connect(url) as conn:
+            return not _prepared(conn, app)
+    except StoreError:
+        return False
 
 
 def _check(name: str, detail: str, *problems: tuple[str, list[Any]]) -> Check:
