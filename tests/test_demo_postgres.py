@@ -19,8 +19,9 @@ import pytest
 from click.testing import CliRunner, Result
 
 from onceflow._chaos_postgres import with_dbname
-from onceflow._demo import STORE_FILE, demo_command, run_audit
+from onceflow._demo import STORE_FILE, demo_command, run_audit, run_demo
 from onceflow._demo_postgres import DB_PREFIX
+from onceflow._errors import ConfigError
 
 pytestmark = pytest.mark.postgres
 
@@ -142,3 +143,73 @@ def test_audit_fails_on_a_prepared_transaction_left_behind(demo_run: Run, db_cop
         "PREPARE TRANSACTION 'onceflow.payments.demo-ledger.999.left'",
     )
     assert failed(demo_run, db_copy) == {PREPARED}
+
+
+def demo_databases(server: Any) -> set[str]:
+    with server.connect("postgres") as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE %s", (f"{DB_PREFIX}%",)
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_a_refused_directory_leaves_no_database(postgres_server: Any, tmp_path: Path) -> None:
+    (tmp_path / "precious.txt").write_text("keep me")
+    before = demo_databases(postgres_server)
+    args = ["--payments", "10", "--dir", str(tmp_path), "--sink", postgres_server.url]
+    result = CliRunner().invoke(demo_command, args)
+    assert result.exit_code != 0
+    assert "will not wipe it" in result.output
+    assert demo_databases(postgres_server) == before
+
+
+def test_a_server_without_prepared_transactions_is_refused_up_front(
+    postgres_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from onceflow import _demo_postgres
+
+    def no_prepared(admin: Any) -> None:
+        raise ConfigError("PostgreSQL has max_prepared_transactions = 0")
+
+    monkeypatch.setattr(_demo_postgres, "_check_prepared_allowed", no_prepared)
+    before = demo_databases(postgres_server)
+    args = ["--payments", "10", "--dir", str(tmp_path / "d"), "--sink", postgres_server.url]
+    result = CliRunner().invoke(demo_command, args)
+    assert result.exit_code != 0
+    assert "max_prepared_transactions = 0" in result.output
+    assert demo_databases(postgres_server) == before
+
+
+@pytest.mark.kafka
+@pytest.mark.xfail(
+    strict=False,
+    reason="the Kafka demo's final stop is flaky: _KafkaRun._finish SIGTERMs a worker "
+    "restarted a moment before, still starting (exit -15); and with a PostgresSink, "
+    "KafkaSession.close() can raise from an on_assign callback (_DESTROY on "
+    "committed offsets). Both in the Kafka demo/session code, not in the sink's checks",
+)
+def test_on_kafka_the_same_checks_pass(
+    kafka_broker: Any, postgres_server: Any, tmp_path: Path
+) -> None:
+    before = demo_databases(postgres_server)
+    result = run_demo(
+        store=f"kafka://{kafka_broker.bootstrap}",
+        sink=postgres_server.url,
+        payments=2000,
+        kills=2,
+        seed=10,
+        rate=2000,
+        directory=tmp_path / "data",
+        workers=2,
+    )
+    try:
+        assert result.ok, [c for c in result.audit.checks if not c.ok] or result.error
+        names = {c.name for c in result.audit.checks}
+        assert {ENTRIES, TOTALS, BALANCES, MONEY, PREPARED} <= names
+        assert [k.point for k in result.kills if k.done == "crash_at"] == [
+            "sink_prepared",
+            "after_commit",
+        ]
+    finally:
+        for name in demo_databases(postgres_server) - before:
+            postgres_server.drop_database(name)
