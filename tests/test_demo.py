@@ -158,6 +158,21 @@ def test_kill_plan_starts_inside_the_commit(kills: int) -> None:
     assert any(k.how == "signal" for k in plan) == (kills > 1)
 
 
+@pytest.mark.parametrize("kills", [1, 2, 4, 6, 10])
+def test_kill_plan_with_a_sink_crashes_around_prepare(kills: int) -> None:
+    plan = plan_kills(kills, random.Random(kills), sink=True)
+    assert len(plan) == kills
+    points = [k.point for k in plan if k.how == "crash_at"]
+    assert (plan[0].how, plan[0].point, plan[0].nth) == ("crash_at", "sink_prepared", 1)
+    assert ("after_commit" in points) == (kills >= 2)
+    assert len(points) == min(kills, max(2, kills // 3))
+
+
+def test_kill_plan_without_a_sink_never_arms_sink_points() -> None:
+    points = {k.point for n in range(1, 20) for k in plan_kills(n, random.Random(n))}
+    assert not points & {"sink_prepared", "sink_flush", "effect_called"}
+
+
 def test_no_kills_is_a_valid_plan() -> None:
     assert plan_kills(0, random.Random(0)) == []
 

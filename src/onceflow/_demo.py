@@ -52,6 +52,7 @@ import msgspec
 from ._app import App
 from ._consumer import Consumer
 from ._crash import CRASH_POINTS
+from ._demo_postgres import DEMO_SINK_ENV, ledger_sink
 from ._errors import ConfigError, OnceflowError
 from ._kafka_common import is_kafka
 from ._producer import Producer
@@ -157,8 +158,11 @@ def credit(c: Credit, state: State) -> list[Entry]:
     return [Entry(c.payment, c.payee, "credit", c.amount, received)]
 
 
-def make_app(store: str | None = None) -> App:
-    """The two-stage payments App; `store=None` takes ONCEFLOW_STORE or the default."""
+def make_app(store: str | None = None, sink: str | None = None) -> App:
+    """The two-stage payments App; `store=None` takes ONCEFLOW_STORE or the default.
+
+    With `sink` (a PostgreSQL URL) both stages also write their ledger entries, and
+    with them the balances, into that database (`_demo_postgres`)."""
     app = App(APP_NAME, store=store, partitions=PARTITIONS)
     decided = (
         app.source(TRANSFERS, schema=Transfer, partitions=PARTITIONS)
@@ -166,15 +170,23 @@ def make_app(store: str | None = None) -> App:
         .process(name="debits", fn=debit)
     )
     decided.filter(lambda v: type(v) is Outcome).to(OUTCOMES)
-    decided.filter(lambda v: type(v) is Entry).to(LEDGER)
+    debits = decided.filter(lambda v: type(v) is Entry).to(LEDGER)
     # A stateful step may not follow key_by in one stage, so the credits are re-keyed by
     # payee and go through a topic: stage 2 then finds each payee on one partition.
     decided.filter(lambda v: type(v) is Credit).key_by(lambda c: c.payee).to(CREDITS)
-    app.source(CREDITS, schema=Credit).process(name="credits", fn=credit).to(LEDGER)
+    credits = app.source(CREDITS, schema=Credit).process(name="credits", fn=credit).to(LEDGER)
+    if sink:
+        # One sink object for both stages: an epoch's entries of both go into one
+        # PostgreSQL transaction, prepared and committed with the epoch.
+        pg = ledger_sink(sink, OPENING_BALANCE)
+        debits.sink(pg)
+        credits.sink(pg)
     return app
 
 
-app = make_app()
+# The supervisor names the run's database in the child's environment; unset or empty,
+# the demo writes to topics only.
+app = make_app(sink=os.environ.get(DEMO_SINK_ENV) or None)
 
 
 # -- the producer process -------------------------------------------------------------
@@ -449,15 +461,16 @@ def _sample(items: Iterable[object], n: int = 3) -> str:
     return ", ".join(got)
 
 
-def audit_payments(store: str | os.PathLike[str]) -> list[Check]:
+def audit_payments(store: str | os.PathLike[str], sink: str | None = None) -> list[Check]:
     """Audit a payments store from committed data only: (check name, ok, detail).
+    With `sink`, the URL of the run's PostgreSQL database, its tables are audited too.
 
     >>> bad = [c for c in audit_payments("demo-data/payments.db") if not c.ok]  # doctest: +SKIP
     """
-    return run_audit(store).checks
+    return run_audit(store, sink).checks
 
 
-def run_audit(store: str | os.PathLike[str]) -> Audit:
+def run_audit(store: str | os.PathLike[str], sink: str | None = None) -> Audit:
     """`audit_payments`, plus the figures (accepted, rejected, ...) it counted.
 
     Each topic is read once, as a stream. Order matters only per key, and every key
@@ -591,8 +604,12 @@ def run_audit(store: str | os.PathLike[str]) -> Audit:
     misfiled: list[str] = []
     broken: list[str] = []
     negative: list[str] = []
+    # Kept only for the PostgreSQL audit, which holds each row against its entry.
+    topic_ledger: dict[tuple[str, str], Entry] = {}
     for rec in read_topic(path, LEDGER):
         e = _entry.decode(rec.value)
+        if sink:
+            topic_ledger[(e.payment, e.side)] = e
         is_debit = e.side == "debit"
         sides[e.payment][0 if is_debit else 1] += 1
         sent = first.get(e.payment)
@@ -693,6 +710,16 @@ def run_audit(store: str | os.PathLike[str]) -> Audit:
         ),
     )
     figures.update({f"sent_{k}": v for k, v in manifest.items() if isinstance(v, int)})
+    if sink:
+        from ._demo_postgres import Expected
+        from ._demo_postgres import audit as audit_postgres
+
+        baseline = Expected(
+            first, accepted, topic_ledger, spend, received, opening, n_accounts, APP_NAME
+        )
+        pg_checks, pg_figures = audit_postgres(sink, baseline)
+        checks.extend(Check(*c) for c in pg_checks)
+        figures.update(pg_figures)
     return Audit(checks, figures)
 
 
@@ -711,22 +738,33 @@ class Kill:
     done: str = ""
 
 
-def plan_kills(kills: int, rng: random.Random) -> list[Kill]:
+def plan_kills(kills: int, rng: random.Random, *, sink: bool = False) -> list[Kill]:
     """SIGKILLs at random moments, and every third kill a crash point of the protocol.
 
-    The first kill is the crash inside the open transaction of the first commit: the
-    first incarnation always has work, so that point is sure to be reached. A later
-    crash point is armed after a random SIGKILL; if nothing is left to commit by then,
-    a SIGKILL stands in for it.
+    The first kill is a crash inside the first commit: the first incarnation always has
+    work, so that point is sure to be reached. A later crash point is armed after a
+    random SIGKILL; if nothing is left to commit by then, a SIGKILL stands in for it.
+
+    With a PostgreSQL `sink` the first crash is between PREPARE TRANSACTION and the
+    store's commit (`sink_prepared`), the second between the store's commit and COMMIT
+    PREPARED (`after_commit`); a plan of two kills or more has both.
     """
     if kills <= 0:
         return []
-    n_crash = max(1, kills // 3)
-    crash_idx = [0] + [3 * j - 1 for j in range(1, n_crash) if 3 * j - 1 < kills]
-    # The demo writes to topics only: the sink and effect points are never reached.
-    unreachable = ("sink_flush", "sink_prepared", "effect_called")
+    if sink:
+        # The demo's one sink is transactional: the idempotent and effect points are
+        # never reached.
+        unreachable: tuple[str, ...] = ("sink_flush", "effect_called")
+        first: tuple[str, ...] = ("sink_prepared", "after_commit", "in_transaction")
+        n_crash = min(kills, max(2, kills // 3))
+    else:
+        # The demo writes to topics only: the sink and effect points are never reached.
+        unreachable = ("sink_flush", "sink_prepared", "effect_called")
+        first = ("in_transaction", "after_commit")
+        n_crash = max(1, kills // 3)
     points = [p for p in CRASH_POINTS if p not in unreachable]
-    preferred = [p for p in ("in_transaction", "after_commit", "before_commit") if p in points]
+    preferred = [*first, "before_commit"]
+    crash_idx = [0] + [min(3 * j - 1, kills - 1) for j in range(1, n_crash)]
     ats = sorted(rng.uniform(0.05, 0.9) for _ in range(kills - len(crash_idx)))
     plan: list[Kill] = []
     for i in range(kills):
@@ -871,6 +909,8 @@ class DemoResult:
     store: str
     sent: dict[str, int] = field(default_factory=dict)
     error: str = ""
+    # The URL of the run's PostgreSQL database, with --sink.
+    sink: str = ""
 
     @property
     def ok(self) -> bool:
@@ -908,6 +948,7 @@ def run_demo(
     workers: int = 2,
     broker: BrokerControl | None = None,
     broker_kills: int = 1,
+    sink: str | None = None,
 ) -> DemoResult:
     """Run the demo end to end and audit it; `console=None` runs silently.
 
@@ -916,16 +957,32 @@ def run_demo(
     `broker` `broker_kills` times (see `_demo_kafka`); `directory` then only holds the
     workers' local state.
 
+    With `sink="postgresql://user@host:port/db"` it creates a database
+    `onceflow_demo_<tag>` on that server, the pipeline writes the ledger and the
+    balances into it through a PostgresSink, the kill plan includes the crash points
+    around PREPARE TRANSACTION, and the audit checks the tables (`_demo_postgres`). The
+    database is kept for inspection; `DemoResult.sink` is its URL.
+
     >>> result = run_demo(payments=3_000, kills=3, directory="/tmp/demo")  # doctest: +SKIP
     >>> result.ok                                                            # doctest: +SKIP
     True
     """
     if seed is None:
         seed = random.randrange(1_000_000)
-    if store is not None and is_kafka(store):
+    if store is not None and not is_kafka(store):
+        raise ConfigError(
+            f"--store {store}: the embedded demo keeps its store in DIR/{STORE_FILE}; pass "
+            "--dir for another place, or --store kafka://HOST:PORT to run on Kafka"
+        )
+    t0 = time.monotonic()
+    # The directory before the database: a directory the demo refuses to wipe must not
+    # leave a database behind.
+    local_store = prepare_dir(Path(directory))
+    run_db = _run_database(sink, console)
+    if store is not None:
         from ._demo_kafka import run_kafka_demo
 
-        return run_kafka_demo(
+        result = run_kafka_demo(
             store=store,
             payments=payments,
             accounts=accounts,
@@ -938,18 +995,15 @@ def run_demo(
             broker_kills=broker_kills,
             console=console,
             timeout=timeout,
+            sink=run_db,
         )
-    if store is not None:
-        raise ConfigError(
-            f"--store {store}: the embedded demo keeps its store in DIR/{STORE_FILE}; pass "
-            "--dir for another place, or --store kafka://HOST:PORT to run on Kafka"
-        )
-    t0 = time.monotonic()
-    store = prepare_dir(Path(directory))
+        result.sink = run_db or ""
+        return result
+    store = local_store
     # Creates the schema before the probe reads it, whichever process starts first.
     Producer(store).close()
-    plan = plan_kills(kills, random.Random(seed ^ 0x5EED))
-    run = _Supervisor(store, plan, payments, random.Random(seed ^ 0xC0FFEE), console)
+    plan = plan_kills(kills, random.Random(seed ^ 0x5EED), sink=run_db is not None)
+    run = _Supervisor(store, plan, payments, random.Random(seed ^ 0xC0FFEE), console, run_db)
     args = {"store": store, "payments": payments, "accounts": accounts, "seed": seed, "rate": rate}
     try:
         run.start_producer(args)
@@ -965,10 +1019,28 @@ def run_demo(
         run.close()
     sent = run.sent_counts()
     if run.error:
-        return DemoResult(Audit([], {}), plan, time.monotonic() - t0, store, sent, run.error)
+        return DemoResult(
+            Audit([], {}), plan, time.monotonic() - t0, store, sent, run.error, run_db or ""
+        )
     run.say("auditing the committed data ...")
-    audit = run_audit(store)
-    return DemoResult(audit, plan, time.monotonic() - t0, store, sent)
+    audit = run_audit(store, run_db)
+    return DemoResult(audit, plan, time.monotonic() - t0, store, sent, sink=run_db or "")
+
+
+def _run_database(sink: str | None, console: Console | None) -> str | None:
+    """The run's own PostgreSQL database, created on the server `sink` names."""
+    if sink is None:
+        return None
+    from ._demo_postgres import create_run_database, database_name
+    from ._postgres_sink import redact
+
+    url = create_run_database(sink)
+    if console is not None:
+        console.print(
+            f"PostgreSQL: ledger and balances go to the new database "
+            f"[bold]{database_name(url)}[/] ({redact(url)}), kept after the run"
+        )
+    return url
 
 
 class _Supervisor:
@@ -986,8 +1058,10 @@ class _Supervisor:
         payments: int,
         rng: random.Random,
         console: Console | None,
+        sink: str | None = None,
     ) -> None:
         self.store = store
+        self.sink = sink
         self.plan = plan
         self.payments = payments
         self.rng = rng
@@ -1021,7 +1095,9 @@ class _Supervisor:
         pending = self._pending()
         self.armed = pending if pending is not None and pending.how == "crash_at" else None
         crash_at = f"{self.armed.point}:{self.armed.nth}" if self.armed is not None else None
-        self.child = Child(CHILD_TARGET, store=self.store, crash_at=crash_at)
+        # Always set, empty without a sink: one left in the shell must not add a sink.
+        env = {DEMO_SINK_ENV: self.sink or ""}
+        self.child = Child(CHILD_TARGET, store=self.store, crash_at=crash_at, env=env)
         self._child_err = _Tail(self.child.proc.stderr)
         self._started_at = self.processed
         self._up = False
@@ -1210,6 +1286,11 @@ def render(result: DemoResult, console: Console) -> None:
     row("payments rejected (overdraft)", "rejected")
     row("ledger entries", "ledger", "one debit + one credit per accepted payment")
     row("total money", "money", f"expected {f.get('money_expected', 0):,}")
+    if result.sink:
+        from ._demo_postgres import database_name
+
+        row("PostgreSQL ledger rows", "pg_ledger", f"database {database_name(result.sink)}")
+        row("PostgreSQL total money", "pg_money", "sum of table balances")
     t.add_row("wall time", f"{result.seconds:.1f} s", "")
     console.print(t)
     a = Table(title="audit (committed data only)", title_justify="left")
@@ -1288,6 +1369,13 @@ def render(result: DemoResult, console: Console) -> None:
     type=click.IntRange(0),
     help="Broker kills (Kafka, with --broker-kill and --broker-start).",
 )
+@click.option(
+    "--sink",
+    default=None,
+    metavar="postgresql://USER@HOST:PORT/DB",
+    help="Also write the ledger and the balances to PostgreSQL, in a new database "
+    "onceflow_demo_<tag> on that server, and audit them there.",
+)
 @click.pass_context
 def demo_command(
     ctx: click.Context,
@@ -1302,6 +1390,7 @@ def demo_command(
     broker_kill: str | None,
     broker_start: str | None,
     broker_kills: int,
+    sink: str | None,
 ) -> None:
     """Payments with kill -9: send, process, crash, restart, then audit the result.
 
@@ -1345,6 +1434,7 @@ def demo_command(
             workers=workers,
             broker=broker,
             broker_kills=broker_kills,
+            sink=sink,
         )
     except OnceflowError as exc:
         raise click.ClickException(str(exc)) from exc

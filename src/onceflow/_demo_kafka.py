@@ -53,6 +53,7 @@ from ._demo import (
     read_topic,
     run_audit,
 )
+from ._demo_postgres import DEMO_SINK_ENV, settled
 from ._errors import StoreError
 from ._kafka_common import KafkaURL
 from ._records import Record
@@ -139,23 +140,28 @@ def run_kafka_demo(
     broker_kills: int,
     console: Console | None,
     timeout: float,
+    sink: str | None = None,
 ) -> DemoResult:
     t0 = time.monotonic()
     workdir = Path(prepare_dir(Path(directory))).parent
     run_store = scratch_store(store)
     _create_topics(run_store)
-    plan = plan_kills(kills, random.Random(seed ^ 0x5EED))
+    plan = plan_kills(kills, random.Random(seed ^ 0x5EED), sink=sink is not None)
     bplan = plan_broker_kills(broker_kills if broker is not None else 0, random.Random(seed))
+    pool = _Workers(CHILD_TARGET, run_store, workers, str(workdir))
+    # Always set, empty without a sink: one left in the shell must not add a sink.
+    pool.env[DEMO_SINK_ENV] = sink or ""
     run = _KafkaRun(
         run_store,
         plan,
         bplan,
         payments=payments,
-        pool=_Workers(CHILD_TARGET, run_store, workers, str(workdir)),
+        pool=pool,
         broker=broker,
         rng=random.Random(seed ^ 0xC0FFEE),
         console=console,
     )
+    run.sink = sink
     run.say(f"store {run_store} ({workers} workers)")
     args = {
         "store": run_store,
@@ -178,7 +184,7 @@ def run_kafka_demo(
     if run.error:
         return DemoResult(Audit([], {}), plan, time.monotonic() - t0, run_store, sent, run.error)
     run.say("auditing the committed data (read_committed) ...")
-    audit = run_audit(run_store)
+    audit = run_audit(run_store, sink)
     audit.checks.extend(run.kafka_checks())
     audit.figures.update(
         broker_kills=sum(1 for b in bplan if b.done),
@@ -233,6 +239,7 @@ class _KafkaRun:
         self._at_last_kill = -1
         self._kill_due: float | None = None
         self._born: dict[int, float] = {}
+        self.sink: str | None = None
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -287,6 +294,8 @@ class _KafkaRun:
         self.drained = any(p.topic == TRANSFERS and p.end_offset > 0 for p in lags) and all(
             p.lag == 0 for p in lags
         )
+        if self.drained and self.sink:
+            self.drained = settled(self.sink, APP_NAME)
         if self.producer is not None:
             sent = self.producer.sent_counts().get("sent", 0)
             self.progress.update(sent, self.processed, self.producer.planned())
