@@ -253,10 +253,13 @@ class _KafkaRun:
 
     def _start(self, slot: int) -> None:
         """A new incarnation of `slot`, armed with the next crash point if that is the
-        next kill and no other worker carries it."""
+        next kill and no other worker carries it. Not before the run moves: a worker
+        armed at the very start may get no partition in the first assignment, and
+        then never reach its point."""
         self._born[slot] = time.monotonic()
         pending = self._pending()
-        if self.armed is None and pending is not None and pending.how == "crash_at":
+        moving = self.processed > 0
+        if moving and self.armed is None and pending is not None and pending.how == "crash_at":
             self.armed = (pending, slot, time.monotonic())
             self.pool.start(slot, crash_at=f"{pending.point}:{pending.nth}")
         else:
@@ -352,7 +355,11 @@ class _KafkaRun:
 
     def _armed_step(self, pending: Kill, finished: bool) -> bool:
         if self.armed is None:
+            if self.processed == 0:
+                return True
             # Arm the next restart: kill a random worker now, as a random kill would.
+            # With static membership its partitions wait for it, backlog included, so
+            # the armed incarnation has work to die in.
             slot = self.rng.randrange(self.pool.count)
             self.pool.children[slot].kill()
             self._start(slot)
