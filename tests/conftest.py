@@ -156,3 +156,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     ):
         report.outcome = "failed"
         report.longrepr = f"required infrastructure missing under CI: {report.longrepr}"
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """The local payments API of the effect tests; sinks find it in ONCEFLOW_TEST_HTTP."""
+    from .payment_server import PaymentServer
+
+    s = PaymentServer()
+    monkeypatch.setenv("ONCEFLOW_TEST_HTTP", s.url)
+    yield s
+    s.httpd.shutdown()

@@ -4,9 +4,6 @@ what it applies: kills between every step, and each effect applied once by the s
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -17,59 +14,9 @@ from onceflow._supervisor import Child
 from onceflow.testing import Event, send
 
 from .helpers import read_all
+from .payment_server import PaymentServer
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class PaymentServer:
-    """Applies a charge once per Idempotency-Key; a repeat gets the first response."""
-
-    def __init__(self) -> None:
-        self.applied: dict[str, Any] = {}
-        self.calls = 0
-        self.flaky: set[str] = set()
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_POST(self) -> None:
-                key = self.headers["Idempotency-Key"]
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with outer.lock:
-                    outer.calls += 1
-                    if body.get("amount", 0) < 0:
-                        self._reply(422, {"error": "negative amount"})
-                        return
-                    if key not in outer.flaky and body.get("flaky"):
-                        outer.flaky.add(key)
-                        self._reply(503, {"error": "try again"})
-                        return
-                    if key not in outer.applied:
-                        outer.applied[key] = {"charge": len(outer.applied) + 1, **body}
-                    self._reply(200, outer.applied[key])
-
-            def _reply(self, code: int, payload: Any) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/charges"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[PaymentServer]:
-    s = PaymentServer()
-    monkeypatch.setenv("ONCEFLOW_TEST_HTTP", s.url)
-    yield s
-    s.httpd.shutdown()
 
 
 def payments(n: int) -> list[Event]:

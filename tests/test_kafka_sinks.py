@@ -8,7 +8,6 @@ import json
 import random
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ from onceflow._kafka_common import KafkaURL
 from onceflow._supervisor import Child, wait_until
 
 from .helpers import read_all
-from .test_effects import PaymentServer, payments
+from .payment_server import PaymentServer
+from .test_effects import payments
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,14 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def kstore(kafka_broker: Any) -> str:
     return f"kafka://{kafka_broker.bootstrap}/t{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[PaymentServer]:
-    s = PaymentServer()
-    monkeypatch.setenv("ONCEFLOW_TEST_HTTP", s.url)
-    yield s
-    s.httpd.shutdown()
 
 
 def amounts(start: int, n: int) -> list[tuple[str, dict[str, Any], str]]:
