@@ -12,11 +12,9 @@ See bench/README.md for what each figure means.
 from __future__ import annotations
 
 import argparse
-import cProfile
 import gc
 import json
 import os
-import platform
 import pstats
 import sqlite3
 import statistics
@@ -25,7 +23,6 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,17 +30,27 @@ from rich.console import Console
 from rich.table import Table
 
 import onceflow
-from latency import (
-    COMMIT_EVERY,
-    LatencyResult,
+from _common import (
+    Defaults,
     Mismatch,
     SumChecker,
-    build_pipeline,
-    event_bytes,
+    Target,
+    add_latency_flags,
+    add_run_flags,
+    check_event_bytes,
+    check_run_stats,
     event_items,
-    measure_latency,
-    settle,
+    label,
+    print_targets,
+    report_console,
+    resolve_shared_flags,
+    run_until_idle,
+    stderr_logger,
+    summary_head,
+    warn_onceflow_overrides,
+    write_json,
 )
+from latency import COMMIT_EVERY, LatencyResult, build_pipeline, measure_latency, settle
 from onceflow import App, Consumer, Producer
 
 Guarantee = Literal["exactly-once", "at-least-once"]
@@ -61,12 +68,15 @@ TARGET_VS_BYTEWAX = 2.0
 TARGET_EO_OVER_ALO = 0.8
 
 
-def log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+DEFAULTS = Defaults(
+    events=1_000_000,
+    quick_events=100_000,
+    latency_events=50_000,
+    quick_latency_events=10_000,
+    latency_rate=20_000,
+)
 
-
-def label(interval: float) -> str:
-    return f"{interval * 1000:g} ms" if interval < 1 else f"{interval:g} s"
+log = stderr_logger("bench")
 
 
 # -- throughput -------------------------------------------------------------------
@@ -174,23 +184,9 @@ def throughput_run(
         )
         build_pipeline(app)
         settle()
-        prof = cProfile.Profile() if profile else None
         with GcTimer() as gc_time:
-            t0 = time.perf_counter()
-            if prof is not None:
-                prof.enable()
-            stats = app.run(until_idle=True)
-            if prof is not None:
-                prof.disable()
-            seconds = time.perf_counter() - t0
-        if prof is not None and profile is not None:
-            profile.parent.mkdir(parents=True, exist_ok=True)
-            prof.dump_stats(profile)
-        if (stats.records_in, stats.records_out, stats.dead_letters) != (events, events, 0):
-            raise Mismatch(
-                f"run stats: {stats.records_in} in, {stats.records_out} out, "
-                f"{stats.dead_letters} dead letters; expected {events}, {events}, 0"
-            )
+            stats, seconds = run_until_idle(app, profile)
+        check_run_stats(stats, events)
         verify(store, events, keys)
     return Run(
         round(seconds, 4), round(events / seconds, 1), stats.commits, round(gc_time.seconds, 4)
@@ -279,14 +275,6 @@ def run_bytewax(events: int, keys: int, epoch_ms: list[int], runs: int) -> dict[
 
 
 # -- report -----------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    name: str
-    target: str
-    measured: str
-    met: bool | None  # None: not measured in this run
 
 
 def evaluate(
@@ -383,15 +371,7 @@ def print_report(
                 str(r.commits),
             )
         console.print(lt)
-    tt = Table(title="Targets (from the issue)", title_justify="left")
-    tt.add_column("target")
-    tt.add_column("wanted", justify="right")
-    tt.add_column("measured", justify="right")
-    tt.add_column("met")
-    for x in targets:
-        met = "not measured" if x.met is None else ("yes" if x.met else "NO")
-        tt.add_row(x.name, x.target, x.measured, met)
-    console.print(tt)
+    print_targets(console, targets)
 
 
 # -- main -------------------------------------------------------------------------
@@ -401,24 +381,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="onceflow embedded benchmark: throughput, Bytewax baseline, latency"
     )
-    p.add_argument("--events", type=int, help="events per throughput run (default 1,000,000)")
-    p.add_argument("--keys", type=int, default=1000, help="distinct accounts (default 1000)")
-    p.add_argument("--runs", type=int, help="runs per setting, median reported (default 3)")
+    add_run_flags(p, DEFAULTS)
     p.add_argument(
         "--intervals",
         default="0.01,0.1,1",
         help="commit intervals in seconds, comma list (default 0.01,0.1,1)",
     )
     p.add_argument("--no-bytewax", action="store_true", help="skip the Bytewax baseline")
-    p.add_argument("--no-latency", action="store_true", help="skip the latency figure")
-    p.add_argument("--latency-events", type=int, help="timed events per latency run (50,000)")
-    p.add_argument("--latency-rate", type=float, default=20_000, help="events/s (20,000)")
-    p.add_argument("--latency-batch", type=int, default=50, help="events per send (50)")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke check: 100,000 events, 1 run, 10,000 latency events",
-    )
+    add_latency_flags(p, DEFAULTS)
     p.add_argument(
         "--profile",
         action="store_true",
@@ -427,13 +397,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, default=OUT_JSON, help=f"summary file ({OUT_JSON})")
     args = p.parse_args(argv)
-    # Explicit flags win over --quick.
-    if args.events is None:
-        args.events = 100_000 if args.quick else 1_000_000
-    if args.runs is None:
-        args.runs = 1 if args.quick else 3
-    if args.latency_events is None:
-        args.latency_events = 10_000 if args.quick else 50_000
+    resolve_shared_flags(p, args, DEFAULTS)
     try:
         # Unique, in the given order: a repeated interval would only repeat a row.
         args.intervals = list(
@@ -443,31 +407,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--intervals must be a comma list of seconds, got {args.intervals!r}")
     if not args.intervals or any(i <= 0 for i in args.intervals):
         p.error("--intervals must be positive seconds")
-    if min(args.events, args.keys, args.runs, args.latency_events, args.latency_batch) <= 0:
-        p.error("--events, --keys, --runs, --latency-events and --latency-batch must be > 0")
-    if args.latency_rate <= 0:
-        p.error("--latency-rate must be > 0")
     return args
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": cpu_model(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,17 +419,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"CORRECTNESS MISMATCH: {exc}")
             return 1
     t_start = time.perf_counter()
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    overrides = sorted(k for k in os.environ if k.startswith("ONCEFLOW_"))
-    if overrides:
-        log(f"warning: {', '.join(overrides)} set; they change the App's defaults")
-    # Same bytes as the Bytewax input line: a drift here would compare different work.
-    if event_bytes(12, 10) != b'{"id":12,"account":"acct-2","amount":28}':
-        raise SystemExit("event_bytes() no longer matches bytewax_baseline.py's input lines")
+    console = report_console()
+    warn_onceflow_overrides(log)
+    check_event_bytes("bytewax_baseline.py")
     summary: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "onceflow": onceflow.__version__,
-        "machine": machine(),
+        **summary_head(onceflow.__version__, sqlite=sqlite3.sqlite_version),
         "params": {
             "events": args.events,
             "keys": args.keys,
@@ -550,11 +484,6 @@ def main(argv: list[str] | None = None) -> int:
     write_json(args.json, summary)
     console.print(f"wall time {wall:.0f} s; summary written to {args.json}")
     return 0
-
-
-def write_json(path: Path, summary: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":
