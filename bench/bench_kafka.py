@@ -10,18 +10,17 @@ them with the targets of the issue. A missed target is reported, not fatal; a wr
 is fatal (exit 1). See bench/README.md, section "Kafka", for what each figure means.
 
 The latency figure's App runs in a child process that imports this module
-(`python -m onceflow._worker bench.bench_kafka:latency_app`, cwd = the repo root), so the
-module's top level imports only onceflow and the standard library.
+(`python -m onceflow._worker bench_kafka:latency_app`, cwd = bench/, so that `_common` is
+importable there too), so the module's top level imports only onceflow, `_common` and the
+standard library.
 """
 
 from __future__ import annotations
 
 import argparse
-import cProfile
 import gc
 import json
 import os
-import platform
 import pstats
 import statistics
 import subprocess
@@ -30,13 +29,38 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import onceflow
+from _common import (
+    Defaults,
+    Mismatch,
+    SendReport,
+    SumChecker,
+    Target,
+    add_latency_flags,
+    add_run_flags,
+    check_event_bytes,
+    check_run_stats,
+    delete_kafka_topics,
+    event_items,
+    label,
+    percentile_ms,
+    print_targets,
+    produce_kafka_input,
+    read_committed,
+    report_console,
+    resolve_shared_flags,
+    run_until_idle,
+    send_steady,
+    stderr_logger,
+    summary_head,
+    tail_outputs,
+    warn_onceflow_overrides,
+    write_json,
+)
 from onceflow import App, Consumer, Hooks, Producer, Stream
 from onceflow._supervisor import Child
 
@@ -53,7 +77,7 @@ PARTITIONS = 4
 MAX_BATCH = 5000
 APP_NAME = "bench"
 LATENCY_APP_NAME = "bench-latency"
-LATENCY_TARGET = "bench.bench_kafka:latency_app"
+LATENCY_TARGET = "bench_kafka:latency_app"
 
 Guarantee = Literal["exactly-once", "at-least-once"]
 GUARANTEES: tuple[Guarantee, Guarantee] = ("exactly-once", "at-least-once")
@@ -63,21 +87,18 @@ TARGET_VS_QUIX = 1.5
 # The embedded bench's target for the cost of the guarantee, shown here for reference.
 TARGET_EO_OVER_ALO = 0.8
 
+DEFAULTS = Defaults(
+    events=200_000,
+    quick_events=20_000,
+    latency_events=20_000,
+    quick_latency_events=5_000,
+    latency_rate=5000,
+)
 
-class Mismatch(Exception):
-    """The pipeline's outputs differ from the workload's reference fold."""
+log = stderr_logger("bench-kafka")
 
 
-def log(msg: str) -> None:
-    print(f"[bench-kafka] {msg}", file=sys.stderr, flush=True)
-
-
-# -- the workload (the same as quix_baseline.py) ------------------------------------
-
-
-def event_bytes(i: int, keys: int) -> bytes:
-    """Event i: compact JSON, byte for byte what quix_baseline.py produces."""
-    return f'{{"id":{i},"account":"acct-{i % keys}","amount":{(i * 7919) % 1000}}}'.encode()
+# -- the workload (the same as quix_baseline.py; the events come from _common) -------
 
 
 def add_amount(acc: int, event: dict[str, int]) -> int:
@@ -90,7 +111,7 @@ def build_pipeline(app: App) -> Stream:
 
 
 def latency_app() -> App:
-    """The latency App, for `python -m onceflow._worker bench.bench_kafka:latency_app`.
+    """The latency App, for `python -m onceflow._worker bench_kafka:latency_app`.
 
     The worker sets the store (`--store kafka://...`); the commit interval and the state
     dir come from ONCEFLOW_COMMIT_INTERVAL and ONCEFLOW_STATE_DIR.
@@ -98,67 +119,6 @@ def latency_app() -> App:
     app = App(LATENCY_APP_NAME, partitions=PARTITIONS, max_batch=MAX_BATCH)
     build_pipeline(app)
     return app
-
-
-def expected_totals(events: int, keys: int) -> list[int]:
-    """The final sum per key index, by a plain loop independent of the checker's fold."""
-    totals = [0] * keys
-    for i in range(events):
-        totals[i % keys] += (i * 7919) % 1000
-    return totals
-
-
-class SumChecker:
-    """Checks every output: the n-th output of `acct-k` must be the running sum over
-    events k, k+K, ..., k+(n-1)K. A key lives in one partition, so its outputs arrive in
-    order whatever the interleaving of partitions: a lost, duplicated, reordered or
-    wrong output is caught where it happens, not only in the final sums."""
-
-    def __init__(self, keys: int) -> None:
-        self.keys = keys
-        self.count = 0
-        self._seen = [0] * keys
-        self._sums = [0] * keys
-
-    def feed(self, key: bytes | str | None, value: bytes | None) -> None:
-        if isinstance(key, bytes):
-            key = key.decode()
-        if key is None or not key.startswith("acct-"):
-            raise Mismatch(f"output {self.count} has key {key!r}, expected acct-<n>")
-        k = int(key[5:])
-        if not 0 <= k < self.keys:
-            raise Mismatch(f"output {self.count} has key {key!r}, outside the {self.keys} keys")
-        n = self._seen[k]
-        i = k + n * self.keys
-        self._seen[k] = n + 1
-        self._sums[k] += (i * 7919) % 1000
-        got = int(value or b"")
-        if got != self._sums[k]:
-            raise Mismatch(
-                f"output {self.count} ({key}, its output {n + 1}) is {got}, "
-                f"expected {self._sums[k]}"
-            )
-        self.count += 1
-
-    def finish(self, events: int) -> None:
-        if self.count != events:
-            raise Mismatch(f"{self.count} committed outputs, expected exactly {events}")
-        totals = expected_totals(events, self.keys)
-        bad = [k for k, total in enumerate(totals) if self._sums[k] != total]
-        if bad:
-            raise Mismatch(f"{len(bad)} keys end on a wrong sum, e.g. acct-{bad[0]}")
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of an ascending list."""
-    if not sorted_values:
-        raise ValueError("no samples")
-    rank = max(1, -(-len(sorted_values) * q // 100))
-    return sorted_values[int(rank) - 1]
-
-
-def label(interval: float) -> str:
-    return f"{interval * 1000:g} ms" if interval < 1 else f"{interval:g} s"
 
 
 # -- Kafka plumbing (plain confluent-kafka clients, untimed) ------------------------
@@ -200,87 +160,24 @@ class Kafka:
 
     def delete_namespace(self, namespace: str) -> None:
         """Delete every topic of one run's namespace (inputs, outputs, changelogs, meta)."""
-        from confluent_kafka import KafkaException
-
         names = [n for n in self.admin.list_topics(timeout=30).topics if n.startswith(namespace)]
-        if not names:
-            return
-        for name, future in self.admin.delete_topics(names, operation_timeout=30).items():
-            try:
-                future.result()
-            except KafkaException as exc:
-                log(f"warning: could not delete topic {name}: {exc}")
+        delete_kafka_topics(self.admin, names, log)
 
     def produce_input(self, topic: str, events: int, keys: int) -> None:
         """The N events, keyed by account, as quix_baseline.py produces them."""
-        from confluent_kafka import KafkaError, Producer
-
-        producer = Producer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "linger.ms": 20,
-                "enable.idempotence": True,
-                "acks": "all",
-            }
-        )
-        failures: list[str] = []
-
-        def on_delivery(err: KafkaError | None, _msg: object) -> None:
-            if err is not None:
-                failures.append(str(err))
-
-        for i in range(events):
-            key = f"acct-{i % keys}".encode()
-            value = event_bytes(i, keys)
-            while True:
-                try:
-                    producer.produce(topic, value, key, on_delivery=on_delivery)
-                    break
-                except BufferError:  # local queue full: let deliveries drain
-                    producer.poll(0.05)
-            if i % 10_000 == 0:
-                producer.poll(0)
-        remaining = producer.flush(120)
-        if remaining or failures:
-            raise RuntimeError(f"input production failed: {remaining} undelivered, {failures[:3]}")
+        produce_kafka_input(self.bootstrap, topic, events, keys)
 
     def verify(self, topic: str, events: int, keys: int, timeout: float = 120.0) -> None:
         """Read the committed output (read_committed) to its end; check every record."""
-        from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
-        from confluent_kafka import Consumer as CKConsumer
-
-        consumer = CKConsumer(
-            {
-                "bootstrap.servers": self.bootstrap,
-                "group.id": f"bench-verify-{uuid.uuid4().hex}",
-                "isolation.level": "read_committed",
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "auto.offset.reset": "earliest",
-            }
-        )
         checker = SumChecker(keys)
-        at_eof: set[int] = set()
-        deadline = time.monotonic() + timeout
-        try:
-            consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
-            while len(at_eof) < PARTITIONS:
-                if time.monotonic() > deadline:
-                    raise Mismatch(
-                        f"{topic} not read to its end in {timeout:.0f}s ({checker.count} records)"
-                    )
-                for msg in consumer.consume(10_000, timeout=1.0):
-                    err = msg.error()
-                    part = msg.partition() or 0
-                    if err is not None:
-                        if err.code() == KafkaError._PARTITION_EOF:
-                            at_eof.add(part)
-                            continue
-                        raise RuntimeError(f"output read failed: {err}")
-                    at_eof.discard(part)
-                    checker.feed(msg.key(), msg.value())
-        finally:
-            consumer.close()
+        read_committed(
+            self.bootstrap,
+            topic,
+            PARTITIONS,
+            lambda msg: checker.feed(msg.key(), msg.value()),
+            group_prefix="bench-verify",
+            timeout=timeout,
+        )
         checker.finish(events)
 
 
@@ -378,22 +275,8 @@ def throughput_run(
     build_pipeline(app)
     gc.collect()
     load = os.getloadavg()[0]
-    prof = cProfile.Profile() if profile else None
-    t0 = time.perf_counter()
-    if prof is not None:
-        prof.enable()
-    stats = app.run(until_idle=True)
-    if prof is not None:
-        prof.disable()
-    seconds = time.perf_counter() - t0
-    if prof is not None and profile is not None:
-        profile.parent.mkdir(parents=True, exist_ok=True)
-        prof.dump_stats(profile)
-    if (stats.records_in, stats.records_out, stats.dead_letters) != (events, events, 0):
-        raise Mismatch(
-            f"run stats: {stats.records_in} in, {stats.records_out} out, "
-            f"{stats.dead_letters} dead letters; expected {events}, {events}, 0"
-        )
+    stats, seconds = run_until_idle(app, profile)
+    check_run_stats(stats, events)
     kafka.verify(f"{ns}.out", events, keys)
     kafka.delete_namespace(ns)
     return Run(
@@ -540,69 +423,16 @@ class LatencyResult:
     warmup_events: int
 
 
-@dataclass
-class SendReport:
-    seconds: float = 0.0
-    max_behind: float = 0.0
-    sends: list[float] = field(default_factory=list)
-    error: BaseException | None = None
-
-
 def produce_steady(
     store: str, first: int, events: int, keys: int, rate: float, batch: int, rep: SendReport
 ) -> None:
-    """Producer thread: events first..first+events-1 at `rate`/s in batches of `batch`,
-    on an absolute schedule (a slow send is caught up on, not shifted onto every later
-    one). Each batch is stamped `timestamp=time.time()` just before its send_batch, which
-    on Kafka becomes the record timestamp (milliseconds)."""
+    """Producer thread: `send_steady`, its failure kept in `rep.error` for the tail's
+    check. On Kafka the batch timestamp becomes the record timestamp (milliseconds)."""
     try:
         with Producer(store, producer_id="bench-latency", partitions=PARTITIONS) as producer:
-            t0 = time.perf_counter()
-            for b, start in enumerate(range(first, first + events, batch)):
-                due = t0 + b * batch / rate
-                now = time.perf_counter()
-                if now < due:
-                    time.sleep(due - now)
-                else:
-                    rep.max_behind = max(rep.max_behind, now - due)
-                items: list[tuple[str | None, Any, str | None]] = [
-                    (f"acct-{i % keys}", event_bytes(i, keys), None)
-                    for i in range(start, min(first + events, start + batch))
-                ]
-                t_send = time.perf_counter()
-                producer.send_batch("in", items, timestamp=time.time())
-                rep.sends.append(time.perf_counter() - t_send)
-            rep.seconds = time.perf_counter() - t0
+            send_steady(producer, first, events, keys, rate, batch, rep)
     except BaseException as exc:
         rep.error = exc
-
-
-def _tail(
-    consumer: Consumer,
-    checker: SumChecker,
-    want: int,
-    deadline: float,
-    check: Callable[[], None],
-    latencies: list[float] | None = None,
-) -> None:
-    """Read `out` until `want` outputs were checked, recording each one's latency.
-
-    Polls without waiting in the client (a batch consume with a timeout waits for a full
-    batch), sleeping 1 ms when there is nothing, so the measurement adds about 1 ms.
-    """
-    while checker.count < want:
-        recs = consumer.poll(max_records=5000, timeout=0)
-        now = time.time()
-        if not recs:
-            check()
-            if time.monotonic() > deadline:
-                raise Mismatch(f"only {checker.count} of {want} outputs before the deadline")
-            time.sleep(0.001)
-            continue
-        for r in recs:
-            if latencies is not None:
-                latencies.append(now - r.timestamp)
-            checker.feed(r.key, r.value)
 
 
 def measure_latency(
@@ -626,11 +456,9 @@ def measure_latency(
     store = f"kafka://{kafka.bootstrap}/{ns}"
     kafka.create_topics([f"{ns}.in", f"{ns}.out"])
     with Producer(store, producer_id="bench-warmup", partitions=PARTITIONS) as p:
-        p.send_batch(
-            "in", [(f"acct-{i % keys}", event_bytes(i, keys), None) for i in range(warmup)]
-        )
+        p.send_batch("in", event_items(0, warmup, keys))
     env = {"ONCEFLOW_COMMIT_INTERVAL": repr(interval), "ONCEFLOW_STATE_DIR": str(state_dir)}
-    child = Child(LATENCY_TARGET, store=store, env=env, cwd=str(REPO))
+    child = Child(LATENCY_TARGET, store=store, env=env, cwd=str(BENCH_DIR))
     checker = SumChecker(keys)
     latencies: list[float] = []
     rep = SendReport()
@@ -644,7 +472,7 @@ def measure_latency(
 
     try:
         with Consumer(store, group="bench-latency", topics=["out"]) as consumer:
-            _tail(consumer, checker, warmup, time.monotonic() + 120, check)
+            tail_outputs(consumer, checker, warmup, time.monotonic() + 120, check)
             thread = threading.Thread(
                 target=produce_steady,
                 args=(store, warmup, events, keys, rate, batch, rep),
@@ -654,7 +482,7 @@ def measure_latency(
             thread.start()
             # Bounded: the send schedule x 3, plus slack for the last commit.
             deadline = time.monotonic() + events / rate * 3 + 30 + interval
-            _tail(consumer, checker, warmup + events, deadline, check, latencies)
+            tail_outputs(consumer, checker, warmup + events, deadline, check, latencies)
             thread.join(30)
             check()
             child_rc = child.stop()
@@ -679,12 +507,12 @@ def measure_latency(
         rate_target=rate,
         rate_achieved=round(events / rep.seconds, 1),
         batch=batch,
-        p50_ms=round(percentile(lat, 50) * 1000, 2),
-        p90_ms=round(percentile(lat, 90) * 1000, 2),
-        p99_ms=round(percentile(lat, 99) * 1000, 2),
+        p50_ms=percentile_ms(lat, 50),
+        p90_ms=percentile_ms(lat, 90),
+        p99_ms=percentile_ms(lat, 99),
         max_ms=round(lat[-1] * 1000, 2),
-        send_p50_ms=round(percentile(sends, 50) * 1000, 2),
-        send_p99_ms=round(percentile(sends, 99) * 1000, 2),
+        send_p50_ms=percentile_ms(sends, 50),
+        send_p99_ms=percentile_ms(sends, 99),
         producer_max_behind_ms=round(rep.max_behind * 1000, 2),
         samples=len(lat),
         warmup_events=warmup,
@@ -692,14 +520,6 @@ def measure_latency(
 
 
 # -- report -------------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    name: str
-    target: str
-    measured: str
-    met: bool | None  # None: not measured in this run
 
 
 def evaluate(fig: Figures) -> list[Target]:
@@ -794,15 +614,7 @@ def print_report(
             f"{lat.send_p99_ms:.1f}",
         )
         console.print(lt)
-    tt = Table(title="Targets (from the issue)", title_justify="left")
-    tt.add_column("target")
-    tt.add_column("wanted", justify="right")
-    tt.add_column("measured", justify="right")
-    tt.add_column("met")
-    for x in targets:
-        met = "not measured" if x.met is None else ("yes" if x.met else "NO")
-        tt.add_row(x.name, x.target, x.measured, met)
-    console.print(tt)
+    print_targets(console, targets)
 
 
 # -- main ---------------------------------------------------------------------------
@@ -812,22 +624,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="onceflow on Kafka: throughput EO/ALO, Quix Streams baseline, latency"
     )
-    p.add_argument("--events", type=int, help="events per throughput run (default 200,000)")
-    p.add_argument("--keys", type=int, default=1000, help="distinct accounts (default 1000)")
-    p.add_argument("--runs", type=int, help="runs per setting, median reported (default 3)")
+    add_run_flags(p, DEFAULTS)
     p.add_argument(
         "--interval", type=float, default=0.1, help="commit interval, seconds (default 0.1)"
     )
     p.add_argument("--no-quix", action="store_true", help="skip the Quix Streams baseline")
-    p.add_argument("--no-latency", action="store_true", help="skip the latency figure")
-    p.add_argument("--latency-events", type=int, help="timed latency events (default 20,000)")
-    p.add_argument("--latency-rate", type=float, default=5000, help="events/s (default 5,000)")
-    p.add_argument("--latency-batch", type=int, default=50, help="events per send (default 50)")
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help="smoke check: 20,000 events, 1 run, 5,000 latency events (explicit flags win)",
-    )
+    add_latency_flags(p, DEFAULTS)
     p.add_argument(
         "--profile",
         action="store_true",
@@ -836,43 +638,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--json", type=Path, default=OUT_JSON, help=f"summary file ({OUT_JSON})")
     args = p.parse_args(argv)
-    if args.events is None:
-        args.events = 20_000 if args.quick else 200_000
-    if args.runs is None:
-        args.runs = 1 if args.quick else 3
-    if args.latency_events is None:
-        args.latency_events = 5_000 if args.quick else 20_000
-    if min(args.events, args.keys, args.runs, args.latency_events, args.latency_batch) <= 0:
-        p.error("--events, --keys, --runs, --latency-events and --latency-batch must be > 0")
-    if args.interval <= 0 or args.latency_rate <= 0:
-        p.error("--interval and --latency-rate must be > 0")
+    resolve_shared_flags(p, args, DEFAULTS)
+    if args.interval <= 0:
+        p.error("--interval must be > 0")
     return args
-
-
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import confluent_kafka
-
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "confluent_kafka": confluent_kafka.version()[0],
-        "librdkafka": confluent_kafka.libversion()[0],
-    }
-
-
-def write_json(path: Path, summary: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -880,19 +649,18 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
+    import confluent_kafka
     from infra.kafka_broker import KafkaBroker, kafka_version
-    from rich.console import Console
 
-    console = Console(width=None if sys.stdout.isatty() else 140)
-    overrides = sorted(k for k in os.environ if k.startswith("ONCEFLOW_"))
-    if overrides:
-        log(f"warning: {', '.join(overrides)} set; they change the App's defaults")
-    if event_bytes(12, 10) != b'{"id":12,"account":"acct-2","amount":28}':
-        raise SystemExit("event_bytes() no longer matches quix_baseline.py's input")
+    console = report_console()
+    warn_onceflow_overrides(log)
+    check_event_bytes("quix_baseline.py")
     summary: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "onceflow": onceflow.__version__,
-        "machine": machine(),
+        **summary_head(
+            onceflow.__version__,
+            confluent_kafka=confluent_kafka.version()[0],
+            librdkafka=confluent_kafka.libversion()[0],
+        ),
         "kafka": kafka_version(),
         "params": {
             "events": args.events,
