@@ -3,7 +3,9 @@
 Run with the interpreter from ``bench/make_baseline_venv.sh bytewax 0.21.1``
 (``.venv-bytewax/bin/python``).
 Standalone on purpose: it must not import onceflow, so the two engines never share a process
-or a dependency set.
+or a dependency set. It imports `_common.py` from its own folder (on ``sys.path`` as the
+script's folder; stdlib-only at import), so its input lines and expected totals are the very
+code of onceflow's bench.
 
 Workload (kept byte-identical to the onceflow side of the comparison):
 
@@ -36,6 +38,9 @@ from bytewax.dataflow import Dataflow
 from bytewax.recovery import RecoveryConfig, init_db_dir
 from bytewax.testing import run_main
 
+from _common import event_bytes
+from _common import expected_totals as expected_totals_by_index
+
 # bytewax 0.21 has no __version__ attribute, so ask the installed distribution.
 BYTEWAX_VERSION = version("bytewax")
 EXPECTED_VERSION = "0.21.1"
@@ -46,26 +51,17 @@ def log(msg: str) -> None:
     print(f"[bytewax-baseline] {msg}", file=sys.stderr, flush=True)
 
 
-def event_line(i: int, keys: int) -> str:
-    return json.dumps(
-        {"id": i, "account": f"acct-{i % keys}", "amount": (i * 7919) % 1000},
-        separators=COMPACT,
-    )
-
-
 def write_input(path: Path, events: int, keys: int) -> None:
-    with path.open("w", encoding="utf-8") as f:
+    with path.open("wb") as f:
         for i in range(events):
-            f.write(event_line(i, keys))
-            f.write("\n")
+            f.write(event_bytes(i, keys))
+            f.write(b"\n")
 
 
 def expected_totals(events: int, keys: int) -> dict[str, int]:
     # Computed independently of the input file so a corrupted input can't hide a wrong result.
-    totals = dict.fromkeys((f"acct-{k}" for k in range(min(events, keys))), 0)
-    for i in range(events):
-        totals[f"acct-{i % keys}"] += (i * 7919) % 1000
-    return totals
+    totals = expected_totals_by_index(events, keys)
+    return {f"acct-{k}": total for k, total in enumerate(totals)}
 
 
 def add_amount(total: int | None, event: dict[str, Any]) -> tuple[int, int]:
