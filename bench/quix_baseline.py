@@ -4,7 +4,9 @@ Run with the interpreter from ``bench/make_baseline_venv.sh quixstreams 3.28.1``
 (``.venv-quixstreams/bin/python``),
 against a broker the caller started (``--bootstrap HOST:PORT``, e.g. from
 ``infra/kafka_broker.py start --dir D``). Standalone on purpose: it must not import onceflow,
-so the two engines never share a process or a dependency set.
+so the two engines never share a process or a dependency set. It imports `_common.py` from
+its own folder (on ``sys.path`` as the script's folder; stdlib-only at import), so its input,
+producer and output check are the very code of onceflow's Kafka bench.
 
 Workload (kept identical to onceflow's Kafka bench):
 
@@ -48,21 +50,21 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 from quixstreams import Application, State
+
+from _common import (
+    Mismatch,
+    SumChecker,
+    delete_kafka_topics,
+    produce_kafka_input,
+    read_committed,
+)
 
 QUIX_VERSION = version("quixstreams")
 EXPECTED_MAJOR = "3."
 PARTITIONS = 4
-COMPACT = (",", ":")
 
 Guarantee = Literal["exactly-once", "at-least-once"]
 
@@ -91,53 +93,8 @@ def delete_topics_containing(bootstrap: str, tag: str) -> None:
     names = [name for name in admin.list_topics(timeout=30).topics if tag in name]
     if not names:
         return
-    for name, future in admin.delete_topics(names, operation_timeout=30).items():
-        try:
-            future.result()
-        except KafkaException as exc:
-            log(f"warning: could not delete topic {name}: {exc}")
+    delete_kafka_topics(admin, names, log)
     log(f"deleted {len(names)} topics")
-
-
-def event_bytes(i: int, keys: int) -> tuple[bytes, bytes]:
-    account = f"acct-{i % keys}"
-    value = json.dumps(
-        {"id": i, "account": account, "amount": (i * 7919) % 1000}, separators=COMPACT
-    )
-    return account.encode(), value.encode()
-
-
-def produce_input(bootstrap: str, topic: str, events: int, keys: int) -> None:
-    producer = Producer(
-        {
-            "bootstrap.servers": bootstrap,
-            "linger.ms": 20,
-            "enable.idempotence": True,
-            "acks": "all",
-        }
-    )
-    failures: list[str] = []
-
-    def on_delivery(err: KafkaError | None, _msg: object) -> None:
-        if err is not None:
-            failures.append(str(err))
-
-    for i in range(events):
-        key, value = event_bytes(i, keys)
-        while True:
-            try:
-                producer.produce(topic, value, key, on_delivery=on_delivery)
-                break
-            except BufferError:  # local queue full: let deliveries drain
-                producer.poll(0.05)
-        if i % 10_000 == 0:
-            producer.poll(0)
-    remaining = producer.flush(120)
-    if remaining or failures:
-        raise RuntimeError(
-            f"input production failed: {remaining} undelivered, {len(failures)} errors "
-            f"{failures[:3]}"
-        )
 
 
 # ---------------------------------------------------------------------------- pipeline
@@ -180,64 +137,16 @@ def build_app(
 
 def verify(bootstrap: str, topic: str, events: int, keys: int, timeout: float = 120.0) -> None:
     """Read the committed output to its end and check it against a reference fold."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"quix-verify-{uuid.uuid4().hex}",
-            "isolation.level": "read_committed",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-        }
-    )
-    # Per key index k: outputs seen so far, and the expected running sum after them.
-    seen = [0] * keys
-    expected = [0] * keys
-    count = 0
-    at_eof: set[int] = set()
-    deadline = time.monotonic() + timeout
-    try:
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
-        while len(at_eof) < PARTITIONS:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"output not read to its end within {timeout:.0f}s ({count} records)"
-                )
-            for msg in consumer.consume(10_000, timeout=1.0):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        at_eof.add(cast(int, msg.partition()))
-                        continue
-                    raise RuntimeError(f"output read failed: {err}")
-                at_eof.discard(cast(int, msg.partition()))
-                count += 1
-                account, total = json.loads(cast(bytes, msg.value()))
-                key = msg.key()
-                if key != account.encode():
-                    raise RuntimeError(f"output key {key!r} does not match value {account!r}")
-                k = int(account[5:])
-                i = k + seen[k] * keys  # index of the event this output must fold in
-                if i >= events:
-                    raise RuntimeError(f"extra output for {account}: {total} (duplicate?)")
-                expected[k] += (i * 7919) % 1000
-                seen[k] += 1
-                if total != expected[k]:
-                    raise RuntimeError(
-                        f"output {seen[k]} of {account} is {total}, expected {expected[k]} "
-                        f"(partition {msg.partition()}, offset {msg.offset()})"
-                    )
-    finally:
-        consumer.close()
-    if count != events:
-        raise RuntimeError(f"output has {count} committed records, expected {events}")
-    # Independent of the fold above: the closed-form total per key.
-    totals = [0] * keys
-    for i in range(events):
-        totals[i % keys] += (i * 7919) % 1000
-    if expected != totals:
-        bad = [f"acct-{k}" for k in range(keys) if expected[k] != totals[k]]
-        raise RuntimeError(f"{len(bad)} keys have a wrong final sum, e.g. {bad[:5]}")
+    checker = SumChecker(keys)
+
+    def check(msg: Any) -> None:
+        account, total = json.loads(cast(bytes, msg.value()))
+        if msg.key() != account.encode():
+            raise Mismatch(f"output key {msg.key()!r} does not match value {account!r}")
+        checker.feed(account, total)
+
+    read_committed(bootstrap, topic, PARTITIONS, check, group_prefix="quix-verify", timeout=timeout)
+    checker.finish(events)
 
 
 # --------------------------------------------------------------------------------- run
@@ -319,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="quix-bench-") as tmp:
             create_topics(args.bootstrap, [in_topic])
             t = time.perf_counter()
-            produce_input(args.bootstrap, in_topic, args.events, args.keys)
+            produce_kafka_input(args.bootstrap, in_topic, args.events, args.keys)
             log(
                 f"produced {args.events} events over {args.keys} keys to {in_topic} "
                 f"in {time.perf_counter() - t:.1f}s"
@@ -332,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{args.guarantee} commit_interval={args.commit_interval}s run {run + 1}: "
                     f"run {seconds:.2f}s, {rates[-1]:,.0f} ev/s (setup {setup:.2f}s), ok"
                 )
-    except RuntimeError as exc:
+    except (RuntimeError, Mismatch) as exc:
         log(f"verification failed: {exc}")
         return 1
     finally:
