@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from onceflow import App, Consumer, Producer, RunStats
+    from onceflow import App, Consumer, Producer, RunStats, Stream
 
 
 class Mismatch(Exception):
@@ -57,6 +57,16 @@ def check_event_bytes(baseline: str) -> None:
     are checked against the same fold, so a drift would compare different work."""
     if event_bytes(12, 10) != b'{"id":12,"account":"acct-2","amount":28}':
         raise SystemExit(f"event_bytes() no longer matches {baseline}'s input")
+
+
+def add_amount(acc: int, event: dict[str, int]) -> int:
+    # No type checks or conversions: the baselines pay for none either.
+    return acc + event["amount"]
+
+
+def build_pipeline(app: App) -> Stream:
+    """in -> running sum of `amount` per key (the account) -> out, one output per event."""
+    return app.source("in").reduce(name="sum", fn=add_amount, initial=0).to("out")
 
 
 def expected_totals(events: int, keys: int) -> list[int]:

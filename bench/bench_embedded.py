@@ -37,6 +37,7 @@ from _common import (
     Target,
     add_latency_flags,
     add_run_flags,
+    build_pipeline,
     check_event_bytes,
     check_run_stats,
     event_items,
@@ -50,7 +51,7 @@ from _common import (
     warn_onceflow_overrides,
     write_json,
 )
-from latency import COMMIT_EVERY, LatencyResult, build_pipeline, measure_latency, settle
+from latency import COMMIT_EVERY, LatencyResult, measure_latency, settle
 from onceflow import App, Consumer, Producer
 
 Guarantee = Literal["exactly-once", "at-least-once"]

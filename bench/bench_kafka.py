@@ -42,6 +42,7 @@ from _common import (
     Target,
     add_latency_flags,
     add_run_flags,
+    build_pipeline,
     check_event_bytes,
     check_run_stats,
     delete_kafka_topics,
@@ -61,7 +62,7 @@ from _common import (
     warn_onceflow_overrides,
     write_json,
 )
-from onceflow import App, Consumer, Hooks, Producer, Stream
+from onceflow import App, Consumer, Hooks, Producer
 from onceflow._supervisor import Child
 
 if TYPE_CHECKING:
@@ -99,15 +100,6 @@ log = stderr_logger("bench-kafka")
 
 
 # -- the workload (the same as quix_baseline.py; the events come from _common) -------
-
-
-def add_amount(acc: int, event: dict[str, int]) -> int:
-    return acc + event["amount"]
-
-
-def build_pipeline(app: App) -> Stream:
-    """in -> running sum of `amount` per account -> out, one output per event."""
-    return app.source("in").reduce(name="sum", fn=add_amount, initial=0).to("out")
 
 
 def latency_app() -> App:

@@ -1,10 +1,9 @@
-"""The embedded benchmark's pipeline, and the latency figure: send -> committed output.
+"""The embedded benchmark's latency figure: send -> committed output, exactly-once.
 
-The pipeline lives here rather than in `bench_embedded.py` because the App of the latency
-figure runs in a child process (`python -m onceflow._worker latency:build_app`) that imports
-this module, and that child must not import the runner (rich, argument parsing, Bytewax).
-`bench_embedded.py` imports the pipeline from here, so both figures run the same one; the
-events and their reference check come from `_common.py`, shared with the other benches.
+The latency App lives here rather than in `bench_embedded.py` because it runs in a child
+process (`python -m onceflow._worker latency:build_app`) that imports this module, and that
+child must not import the runner (rich, argument parsing, Bytewax). Its pipeline, events and
+reference check come from `_common.py`, so both figures run the same pipeline.
 
 Latency, three processes, so that no two of them share a GIL:
 
@@ -34,12 +33,13 @@ from _common import (
     Mismatch,
     SendReport,
     SumChecker,
+    build_pipeline,
     event_items,
     percentile_ms,
     send_steady,
     tail_outputs,
 )
-from onceflow import App, Consumer, Producer, Stream
+from onceflow import App, Consumer, Producer
 from onceflow._supervisor import Child
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -52,16 +52,6 @@ COMMIT_EVERY = 10**9
 
 
 # -- the workload (its parts shared with the other benches live in _common) ------------
-
-
-def add_amount(acc: int, event: dict[str, int]) -> int:
-    # No type checks or conversions: the Bytewax side pays for none either.
-    return acc + event["amount"]
-
-
-def build_pipeline(app: App) -> Stream:
-    """in -> running sum of `amount` per key (the account) -> out, one output per event."""
-    return app.source("in").reduce(name="sum", fn=add_amount, initial=0).to("out")
 
 
 def build_app() -> App:
