@@ -150,9 +150,9 @@ def run_in_foreground(server: ManagedServer, lines: Callable[[], Sequence[str]],
 class ManagedServer:
     """One server process for ``workdir``, our child in its own session.
 
-    Subclasses set the class attributes and implement ``_launch`` (prepare and
-    ``_spawn``), ``_become_ready`` and ``log_tail``; ``_fail_logs``, ``_before_kill``
-    and ``_after_death`` are hooks.
+    Subclasses set the class attributes and implement ``_address``, ``log_tail``,
+    ``_launch`` (prepare, then ``_spawn``), ``_become_ready`` and ``_fail_logs``;
+    ``_ready_what``, ``_before_kill`` and ``_after_death`` are optional hooks.
     """
 
     #: The error every failure is raised as (a subclass's own error class).
