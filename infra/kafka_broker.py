@@ -21,29 +21,36 @@ import argparse
 import atexit
 import base64
 import contextlib
-import ctypes
 import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 import weakref
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, NoReturn
+from typing import Any
+
+if not __package__:
+    # Run as a script (`python infra/kafka_broker.py`): `infra` is not importable yet.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from infra._process import (
+    ManagedServer,
+    pick_port,
+    run_in_foreground,
+    tail,
+    tail_section,
+)
 
 __all__ = [
     "KAFKA_POM",
@@ -233,38 +240,7 @@ def _confluent_kafka() -> Any:
     return confluent_kafka
 
 
-# ----------------------------------------------------------------------------- ports
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _pick_port(exclude: set[int]) -> int:
-    """A free loopback port *below* the kernel's ephemeral range.
-
-    Ports from bind(0) come out of the ephemeral range; after a broker is killed, any
-    outgoing connection on the machine may take that number as its local port and the
-    restart on "the same port" fails with "Address already in use". Below the range,
-    only another listener can take it.
-    """
-    low = 20000
-    try:
-        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
-    high = max(low + 1000, ephemeral_low - 1)
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randint(low, high)
-        if port not in exclude and _port_is_free(port):
-            return port
-    raise KafkaBrokerError(f"no free loopback port in {low}-{high}")
+# ------------------------------------------------------------------------ cluster
 
 
 def _new_cluster_id() -> str:
@@ -289,31 +265,6 @@ def _stop_leftovers() -> None:
     for broker in list(_running):
         with contextlib.suppress(Exception):
             broker.stop(timeout=10)
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the kernel SIGKILL the JVM when its parent dies.
-
-    So a pytest or chaos harness killed with SIGKILL takes its broker with it instead of
-    leaving an orphan JVM holding ports and 512 MB. The function pointer is looked up
-    here, in the parent: the child, between fork and exec, only makes one libc call.
-    Linux only; elsewhere brokers rely on stop()/atexit.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 # Why each setting is there. Tests can override or add any of them (server_config=).
@@ -373,7 +324,7 @@ logger.statechange.level = WARN
 """
 
 
-class KafkaBroker:
+class KafkaBroker(ManagedServer):
     """A single-node KRaft Kafka broker in ``workdir``, listening on 127.0.0.1 only.
 
     ``workdir`` holds ``server.properties``, ``log4j2.properties``, ``server.log`` (the
@@ -387,6 +338,12 @@ class KafkaBroker:
     does not race them.
     """
 
+    _error = KafkaBrokerError
+    _what = "Kafka broker"
+    _process_what = "the broker JVM"
+    _running = _running
+    _log = _log
+
     def __init__(
         self,
         workdir: str | os.PathLike[str],
@@ -399,7 +356,12 @@ class KafkaBroker:
         server_config: Mapping[str, str | int] | None = None,
         die_with_parent: bool = True,
     ) -> None:
-        self.workdir = Path(workdir).resolve()
+        super().__init__(
+            workdir,
+            ready_timeout=ready_timeout,
+            stop_timeout=stop_timeout,
+            die_with_parent=die_with_parent,
+        )
         self.data_dir = self.workdir / "data"
         self.config_path = self.workdir / "server.properties"
         self.log4j_path = self.workdir / "log4j2.properties"
@@ -407,19 +369,12 @@ class KafkaBroker:
         self.console_log = self.workdir / "console.log"
         self._state_path = self.workdir / "broker.json"
         self.heap = heap
-        self.ready_timeout = ready_timeout
         self.wait_transactions = wait_transactions
-        self.stop_timeout = stop_timeout
         self.server_config = {k: str(v) for k, v in (server_config or {}).items()}
-        self.die_with_parent = die_with_parent
         #: Seconds spent in each phase of the last start(): checks (java, client),
         #: resolve, format (first start only), boot (JVM launch to metadata served),
         #: transactions (the readiness transaction), total.
         self.timings: dict[str, float] = {}
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._console: IO[bytes] | None = None
-        self._launched_at = 0.0
-        self._lock = threading.Lock()
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
@@ -427,8 +382,10 @@ class KafkaBroker:
         # The controller port is written into the log dir at format time (the voter's
         # endpoint in the bootstrap checkpoint), so once chosen it never changes.
         stored_port = state.get("port")
-        self.port: int = port or stored_port or _pick_port(set())
-        self.controller_port: int = state.get("controller_port") or _pick_port({self.port})
+        self.port: int = port or stored_port or pick_port(KafkaBrokerError)
+        self.controller_port: int = state.get("controller_port") or pick_port(
+            KafkaBrokerError, exclude=[self.port]
+        )
         if self.controller_port == self.port:
             raise KafkaBrokerError(f"port {port} is this workdir's controller port")
         self._save_state()
@@ -441,11 +398,8 @@ class KafkaBroker:
         return f"127.0.0.1:{self.port}"
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def _address(self) -> str:
+        return self.bootstrap
 
     def start(self) -> KafkaBroker:
         """Format the log dir if new, launch the JVM and wait until it is ready.
@@ -453,53 +407,31 @@ class KafkaBroker:
         On any failure the JVM is killed and KafkaBrokerError carries the log tail;
         KafkaUnavailable means a prerequisite is missing (see ENABLE_HINT).
         """
-        with self._lock:
-            if self.is_running():
-                raise KafkaBrokerError(f"broker in {self.workdir} is already running")
-            if self._proc is not None:
-                self._reap()  # it died on its own, or someone SIGKILLed self.pid directly
-            t0 = time.monotonic()
-            self.timings = {}
-            java = find_java()
-            _confluent_kafka()  # fail as unavailable now, not after a JVM start
+        return super().start()
+
+    def _launch(self) -> None:
+        java = find_java()
+        _confluent_kafka()  # fail as unavailable now, not after a JVM start
+        t = time.monotonic()
+        self.timings["checks"] = t - self._started_at
+        classpath = resolve()
+        self.timings["resolve"] = time.monotonic() - t
+        self._write_config()
+        if not (self.data_dir / "meta.properties").exists():
             t = time.monotonic()
-            self.timings["checks"] = t - t0
-            classpath = resolve()
-            self.timings["resolve"] = time.monotonic() - t
-            self._write_config()
-            if not (self.data_dir / "meta.properties").exists():
-                t = time.monotonic()
-                self._format(java, classpath)
-                self.timings["format"] = time.monotonic() - t
-            self._launch(java, classpath)
-            try:
-                self._wait_ready(t0 + self.ready_timeout)
-            except BaseException:
-                self._hard_stop()
-                raise
-            self.timings["total"] = time.monotonic() - t0
-            _running.add(self)
-            _log.info("Kafka broker ready at %s (%s)", self.bootstrap, self.timings)
-            return self
+            self._format(java, classpath)
+            self.timings["format"] = time.monotonic() - t
+        self._spawn_jvm(java, classpath)
+
+    def _become_ready(self) -> None:
+        self._wait_ready(self._started_at + self.ready_timeout)
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Controlled shutdown: SIGTERM, then SIGKILL after ``timeout`` seconds.
 
         Returns the JVM's exit status (None if it was not running).
         """
-        with self._lock:
-            proc = self._proc
-            if proc is None:
-                return None
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(self.stop_timeout if timeout is None else timeout)
-                except subprocess.TimeoutExpired:
-                    _log.warning("broker %s ignored SIGTERM; killing it", self.bootstrap)
-                    proc.kill()
-                    proc.wait()
-            return self._reap()
+        return super().stop(timeout)
 
     def kill(self) -> int | None:
         """SIGKILL the JVM: a hard broker crash (no controlled shutdown, no flush).
@@ -509,42 +441,12 @@ class KafkaBroker:
         Safe to call from another thread while start() is waiting for readiness (a
         chaos thread): that start() then fails promptly with KafkaBrokerError.
         """
-        proc = self._proc
-        if proc is None:
-            return None
-        proc.kill()
-        code = proc.wait()
-        # Without blocking: a start() or stop() running in another thread holds the
-        # lock, notices the dead JVM and cleans up itself.
-        if self._lock.acquire(blocking=False):
-            try:
-                if self._proc is proc:
-                    self._reap()
-            finally:
-                self._lock.release()
-        return code
-
-    def restart(self) -> KafkaBroker:
-        """Start again on the same ports and log dir (stopping first if still running)."""
-        if self.is_running():
-            self.stop()
-        return self.start()
+        return super().kill()
 
     def log_tail(self, n: int = 50) -> str:
         """The last ``n`` lines of server.log (console.log if the server log is empty)."""
-        text = _tail(self.server_log, n)
-        return text if text.strip() else _tail(self.console_log, n)
-
-    def __enter__(self) -> KafkaBroker:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        text = tail(self.server_log, n)
+        return text if text.strip() else tail(self.console_log, n)
 
     def __repr__(self) -> str:
         state = "running" if self.is_running() else "stopped"
@@ -624,7 +526,7 @@ class KafkaBroker:
         # metadata.version X"; the lines before dump the bootstrap feature records.
         _log.info("%s", done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "")
 
-    def _launch(self, java: str, classpath: str) -> None:
+    def _spawn_jvm(self, java: str, classpath: str) -> None:
         cmd = [
             *self._jvm_base(java, self.heap),
             f"-Xms{min(128, _megabytes(self.heap))}m",
@@ -641,26 +543,7 @@ class KafkaBroker:
             "kafka.Kafka",
             str(self.config_path),
         ]
-        self._console = self.console_log.open("ab")
-        banner = f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} onceflow: starting {cmd[-2:]}\n"
-        self._console.write(banner.encode())
-        self._console.flush()
-        try:
-            self._proc = subprocess.Popen(
-                cmd,
-                cwd=self.workdir,
-                stdin=subprocess.DEVNULL,
-                stdout=self._console,
-                stderr=subprocess.STDOUT,
-                # Own session: a Ctrl-C in the terminal reaches us, not the JVM, and stop()
-                # decides how the broker goes down.
-                start_new_session=True,
-                preexec_fn=_pdeathsig_preexec() if self.die_with_parent else None,
-            )
-        except OSError as exc:
-            self._reap()
-            raise KafkaBrokerError(f"cannot run {java}: {exc}") from exc
-        self._launched_at = time.monotonic()
+        self._spawn(cmd, self.console_log, f"starting {cmd[-2:]}", cwd=self.workdir)
 
     def _wait_ready(self, deadline: float) -> None:
         ck = _confluent_kafka()
@@ -677,21 +560,19 @@ class KafkaBroker:
         }
         self._wait_port(deadline)
         admin = AdminClient(quiet)
-        while True:
-            self._check_alive()
-            try:
-                metadata = admin.list_topics(
-                    timeout=max(0.1, min(5.0, deadline - time.monotonic()))
-                )
-                if metadata.brokers:
-                    break
-            except ck.KafkaException as exc:
-                last: object = exc
-            else:
-                last = "metadata lists no broker yet"
-            if time.monotonic() > deadline:
-                self._fail(f"no metadata from {self.bootstrap} ({last})")
-            time.sleep(0.2)
+
+        def brokers_listed() -> bool | None:
+            metadata = admin.list_topics(timeout=max(0.1, min(5.0, deadline - time.monotonic())))
+            return bool(metadata.brokers) or None
+
+        self._wait_for(
+            brokers_listed,
+            deadline,
+            0.2,
+            f"no metadata from {self.bootstrap}",
+            retry_on=(ck.KafkaException,),
+            pending="metadata lists no broker yet",
+        )
         self.timings["boot"] = time.monotonic() - self._launched_at
         if self.wait_transactions:
             t = time.monotonic()
@@ -700,15 +581,12 @@ class KafkaBroker:
 
     def _wait_port(self, deadline: float) -> None:
         # A plain TCP probe first: cheaper than a client, and no librdkafka log storm.
-        while True:
-            self._check_alive()
+        def listening() -> bool | None:
             with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
                 sock.settimeout(1.0)
-                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            if time.monotonic() > deadline:
-                self._fail(f"nothing listens on {self.bootstrap}")
-            time.sleep(0.1)
+                return sock.connect_ex(("127.0.0.1", self.port)) == 0 or None
+
+        self._wait_for(listening, deadline, 0.1, f"nothing listens on {self.bootstrap}")
 
     def _wait_transactions(self, admin: Any, quiet: dict[str, Any], deadline: float) -> None:
         """Commit a transaction with a record and consumer offsets on every coordinator.
@@ -776,37 +654,11 @@ class KafkaBroker:
         # Kafka's defaults (50) if a caller removed ours; the probe stays correct.
         return int(self.server_config.get(key, _BASE_CONFIG.get(key, "50")))
 
-    def _check_alive(self) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            code = None if self._proc is None else self._proc.returncode
-            self._fail(f"the broker JVM exited during startup (exit {code})")
-
-    def _fail(self, why: str) -> NoReturn:
-        console = _tail(self.console_log, 20).strip()
-        raise KafkaBrokerError(
-            f"Kafka broker in {self.workdir} did not become ready "
-            f"(ready_timeout={self.ready_timeout:.0f}s): {why}\n"
-            f"--- {self.server_log} (tail) ---\n{_tail(self.server_log, 40)}"
-            + (f"\n--- {self.console_log} (tail) ---\n{console}" if console else "")
+    def _fail_logs(self) -> str:
+        console = tail(self.console_log, 20).strip()
+        return tail_section(self.server_log, 40) + (
+            f"\n--- {self.console_log} (tail) ---\n{console}" if console else ""
         )
-
-    def _hard_stop(self) -> int | None:
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        return self._reap()
-
-    def _reap(self) -> int | None:
-        code = self._proc.returncode if self._proc is not None else None
-        self._proc = None
-        if self._console is not None:
-            self._console.close()
-            self._console = None
-        _running.discard(self)
-        return code
 
 
 def _java_string_hash(text: str) -> int:
@@ -841,24 +693,6 @@ def _megabytes(size: str) -> int:
     return max(1, int(int(match.group(1)) * unit))
 
 
-def _tail(path: Path, n: int) -> str:
-    """The last n lines of a file, read from its end (server logs grow large)."""
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            block = 8192
-            data = b""
-            while size > 0 and data.count(b"\n") <= n:
-                step = min(block, size)
-                size -= step
-                handle.seek(size)
-                data = handle.read(step) + data
-    except FileNotFoundError:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-n:])
-
-
 # ------------------------------------------------------------------------------- CLI
 
 
@@ -891,22 +725,11 @@ def main(argv: list[str] | None = None) -> int:
             heap=args.heap,
             wait_transactions=not args.no_wait_transactions,
         )
-        # SIGTERM (e.g. from a bench script) stops the broker the same way as Ctrl-C.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        # Also when started in the background by a non-interactive shell, which starts
-        # its jobs with SIGINT ignored.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        with broker:
-            print(f"bootstrap.servers={broker.bootstrap}", flush=True)
-            print(f"server log: {broker.server_log}  (Ctrl-C to stop)", flush=True)
-            try:
-                while broker.is_running():
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                print("stopping...", flush=True)
-                return 0
-            print(f"broker exited unexpectedly:\n{broker.log_tail(40)}", file=sys.stderr)
-            return 1
+        lines = [
+            f"bootstrap.servers={broker.bootstrap}",
+            f"server log: {broker.server_log}  (Ctrl-C to stop)",
+        ]
+        return run_in_foreground(broker, lambda: lines, "broker")
     except KafkaBrokerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

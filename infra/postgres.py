@@ -22,21 +22,32 @@ import json
 import logging
 import os
 import pwd
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
+
+if not __package__:
+    # Run as a script (`python infra/postgres.py`): `infra` is not importable yet.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from infra._process import (
+    ManagedServer,
+    pdeathsig_preexec,
+    pick_port,
+    run_in_foreground,
+    tail,
+    tail_section,
+    write_banner,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -232,68 +243,7 @@ def _child_env(home: Path) -> dict[str, str]:
     }
 
 
-# ----------------------------------------------------------------------------- ports
-# The same rule as infra/kafka_broker.py (copied: each controller module stands alone
-# and runs as a script, where `import infra...` does not resolve).
-
-
-def _port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _pick_port() -> int:
-    """A free loopback port *below* the kernel's ephemeral range.
-
-    A bind(0) port is ephemeral: while the server is down after kill(), any outgoing
-    connection on the machine may take it as its local port, and restart() "on the same
-    port" fails. Below the range only another listener can take it.
-    """
-    low = 20000
-    try:
-        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral_low = 32768
-    high = max(low + 1000, ephemeral_low - 1)
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randint(low, high)
-        if _port_is_free(port):
-            return port
-    raise PostgresError(f"no free loopback port in {low}-{high}")
-
-
 # ------------------------------------------------------------------ processes (Linux)
-
-
-def _pdeathsig_preexec() -> Callable[[], None] | None:
-    """A preexec_fn that makes the kernel SIGKILL the postmaster when its parent dies.
-
-    So a pytest or chaos harness killed with SIGKILL takes its server with it; the
-    backends notice their postmaster's death and exit on their own. It runs after
-    subprocess has switched to the server user (a credential change clears the
-    setting, so the order matters; CPython calls preexec_fn after setreuid). The
-    signal fires when the *thread* that started the server exits. Linux only.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    pr_set_pdeathsig = 1
-
-    def preexec() -> None:
-        prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-
-    return preexec
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -464,7 +414,7 @@ _BASE_SETTINGS: dict[str, str] = {
 _UNIX_PATH_MAX = 107  # sizeof(sun_path) - 1 on Linux
 
 
-class PostgresServer:
+class PostgresServer(ManagedServer):
     """A throwaway PostgreSQL cluster for ``workdir``, listening on 127.0.0.1 only.
 
     ``workdir`` (yours; may be pytest's tmp_path) holds ``server.json`` (port and
@@ -483,6 +433,15 @@ class PostgresServer:
     ``start()`` returns once psycopg can connect and the ``onceflow`` database exists.
     """
 
+    _error = PostgresError
+    _what = "PostgreSQL"
+    _process_what = "the postmaster"
+    # Fast shutdown (roll back, disconnect, checkpoint), then immediate shutdown (no
+    # checkpoint: crash recovery on the next start) before SIGKILL.
+    _stop_signals = (signal.SIGINT, signal.SIGQUIT)
+    _running = _running
+    _log = _log
+
     def __init__(
         self,
         workdir: str | os.PathLike[str],
@@ -494,7 +453,12 @@ class PostgresServer:
         stop_timeout: float = 30.0,
         die_with_parent: bool = True,
     ) -> None:
-        self.workdir = Path(workdir).resolve()
+        super().__init__(
+            workdir,
+            ready_timeout=ready_timeout,
+            stop_timeout=stop_timeout,
+            die_with_parent=die_with_parent,
+        )
         self.log_path = self.workdir / "postgres.log"
         self.initdb_log = self.workdir / "initdb.log"
         self._state_path = self.workdir / "server.json"
@@ -503,22 +467,16 @@ class PostgresServer:
             raise PostgresError("pass the port as port=, not in settings= (the URL uses it)")
         self.database = database
         self.user = SUPERUSER
-        self.ready_timeout = ready_timeout
-        self.stop_timeout = stop_timeout
-        self.die_with_parent = die_with_parent
         #: Seconds spent in each phase of the last start(): checks (binaries, psycopg,
         #: user, dirs), initdb (first start only), boot (launch to accepting
         #: connections, crash recovery included), database, total.
         self.timings: dict[str, float] = {}
         self.binaries: PostgresBinaries | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
         self._cluster_dir: Path | None = None
-        self._lock = threading.Lock()
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
-        self.port: int = port or state.get("port") or _pick_port()
+        self.port: int = port or state.get("port") or pick_port(PostgresError)
         self._save_state()
 
     # -------------------------------------------------------------- public surface
@@ -540,12 +498,8 @@ class PostgresServer:
         return self._require_cluster() / "run"
 
     @property
-    def pid(self) -> int | None:
-        """The postmaster's pid."""
-        return self._proc.pid if self._proc is not None else None
-
-    def is_running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
+    def _address(self) -> str:
+        return self.url
 
     def start(self) -> PostgresServer:
         """initdb if new, launch the postmaster and wait until psycopg can connect.
@@ -553,47 +507,7 @@ class PostgresServer:
         On any failure the server is killed and PostgresError carries the log tail;
         PostgresUnavailable means a prerequisite is missing (see ENABLE_HINT).
         """
-        with self._lock:
-            if self.is_running():
-                raise PostgresError(f"PostgreSQL in {self.workdir} is already running")
-            if self._proc is not None:
-                # It died on its own, or someone SIGKILLed self.pid: clean up as kill().
-                self._after_postmaster_death()
-                self._reap()
-            t0 = time.monotonic()
-            self.timings = {}
-            binaries = self.binaries = find_binaries()
-            _psycopg()  # fail as unavailable now, not after initdb
-            user = _run_as()
-            cluster = self._cluster_dir = self._choose_cluster_dir(user)
-            for sub in (cluster / "data", cluster / "run"):
-                sub.mkdir(mode=0o700, exist_ok=True)
-                if user.switch:
-                    os.chown(sub, user.uid, user.gid)
-            self._save_state()
-            self.timings["checks"] = time.monotonic() - t0
-            if not (cluster / "initdb.ok").exists():
-                t = time.monotonic()
-                self._initdb(binaries, user)
-                self.timings["initdb"] = time.monotonic() - t
-            t = time.monotonic()
-            self._launch(binaries, user)
-            try:
-                # From the launch, not from t0: a slow initdb on a loaded CI machine
-                # has its own timeout and must not eat into the server's.
-                conn = self._wait_ready(t + self.ready_timeout)
-                self.timings["boot"] = time.monotonic() - t
-                t = time.monotonic()
-                with conn:
-                    self._ensure_database(conn, self.database)
-                self.timings["database"] = time.monotonic() - t
-            except BaseException:
-                self._hard_stop()
-                raise
-            self.timings["total"] = time.monotonic() - t0
-            _running.add(self)
-            _log.info("PostgreSQL %s ready at %s (%s)", binaries.version, self.url, self.timings)
-            return self
+        return super().start()
 
     def stop(self, timeout: float | None = None) -> int | None:
         """Fast shutdown (SIGINT: roll back open transactions, disconnect clients,
@@ -602,25 +516,7 @@ class PostgresServer:
         Prepared transactions survive (they are on disk). Returns the postmaster's exit
         status (None if it was not running).
         """
-        with self._lock:
-            proc = self._proc
-            if proc is None:
-                return None
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(self.stop_timeout if timeout is None else timeout)
-                except subprocess.TimeoutExpired:
-                    _log.warning("PostgreSQL at %s ignored SIGINT; immediate shutdown", self.url)
-                    proc.send_signal(signal.SIGQUIT)
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
-            if proc.returncode != 0:
-                self._after_postmaster_death()
-            return self._reap()
+        return super().stop(timeout)
 
     def kill(self) -> int | None:
         """SIGKILL the whole server, postmaster and backends at once: a hard crash.
@@ -637,31 +533,7 @@ class PostgresServer:
         memory. Safe to call from another thread while start() is waiting; that start()
         then fails promptly.
         """
-        proc = self._proc
-        if proc is None:
-            return None
-        # Frozen, the postmaster can neither fork nor react to its children's deaths;
-        # the children die first, so none outlives it long enough to notice its death.
-        proc.send_signal(signal.SIGSTOP)
-        self._kill_server_processes(last=proc.pid)
-        proc.kill()
-        code = proc.wait()
-        self._after_postmaster_death()
-        # Without blocking: a start() or stop() running in another thread holds the
-        # lock, notices the dead postmaster and cleans up itself.
-        if self._lock.acquire(blocking=False):
-            try:
-                if self._proc is proc:
-                    self._reap()
-            finally:
-                self._lock.release()
-        return code
-
-    def restart(self) -> PostgresServer:
-        """Start again on the same port and data dir (fast shutdown first if running)."""
-        if self.is_running():
-            self.stop()
-        return self.start()
+        return super().kill()
 
     def close(self) -> None:
         """stop(), then remove the cluster if it is a scratch dir (see the class doc).
@@ -678,8 +550,8 @@ class PostgresServer:
 
     def log_tail(self, n: int = 50) -> str:
         """The last ``n`` lines of postgres.log (initdb.log if the server log is empty)."""
-        text = _tail(self.log_path, n)
-        return text if text.strip() else _tail(self.initdb_log, n)
+        text = tail(self.log_path, n)
+        return text if text.strip() else tail(self.initdb_log, n)
 
     def connect(self, dbname: str | None = None, **kwargs: Any) -> psycopg.Connection[Any]:
         """A psycopg connection to ``dbname`` (default: the ``onceflow`` database)."""
@@ -720,9 +592,6 @@ class PostgresServer:
         with self.connect("postgres", autocommit=True) as conn:
             stmt = pg.sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)")
             conn.execute(stmt.format(pg.sql.Identifier(name)))
-
-    def __enter__(self) -> PostgresServer:
-        return self.start()
 
     def __exit__(
         self,
@@ -822,8 +691,7 @@ class PostgresServer:
             "C",
         ]
         with self.initdb_log.open("ab") as out:
-            out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} onceflow: initdb\n".encode())
-            out.flush()
+            write_banner(out, "initdb")
             try:
                 done = subprocess.run(
                     cmd,
@@ -833,7 +701,7 @@ class PostgresServer:
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     timeout=300,
-                    preexec_fn=_pdeathsig_preexec() if self.die_with_parent else None,
+                    preexec_fn=pdeathsig_preexec() if self.die_with_parent else None,
                     **user.popen_kwargs(),
                 )
             except subprocess.TimeoutExpired as exc:
@@ -841,7 +709,7 @@ class PostgresServer:
         if done.returncode != 0:
             raise PostgresError(
                 f"initdb failed (exit {done.returncode}): {' '.join(cmd)}\n"
-                f"--- {self.initdb_log} (tail) ---\n{_tail(self.initdb_log, 30)}"
+                f"{tail_section(self.initdb_log, 30)}"
             )
         (cluster / "initdb.ok").write_text(f"{binaries.version}\n")
 
@@ -854,64 +722,79 @@ class PostgresServer:
         per_start = {"port": str(self.port), "unix_socket_directories": socket_dir}
         return {**_BASE_SETTINGS, **per_start, **self.settings}
 
-    def _launch(self, binaries: PostgresBinaries, user: _RunAs) -> None:
+    def _launch(self) -> None:
+        binaries = self.binaries = find_binaries()
+        _psycopg()  # fail as unavailable now, not after initdb
+        user = _run_as()
+        cluster = self._cluster_dir = self._choose_cluster_dir(user)
+        for sub in (cluster / "data", cluster / "run"):
+            sub.mkdir(mode=0o700, exist_ok=True)
+            if user.switch:
+                os.chown(sub, user.uid, user.gid)
+        self._save_state()
+        self.timings["checks"] = time.monotonic() - self._started_at
+        if not (cluster / "initdb.ok").exists():
+            t = time.monotonic()
+            self._initdb(binaries, user)
+            self.timings["initdb"] = time.monotonic() - t
         cmd = [str(binaries.postgres), "-D", str(self.data_dir)]
         for key, value in self._server_settings().items():
             cmd += ["-c", f"{key}={value}"]
-        self._log_file = self.log_path.open("ab")
-        banner = f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} onceflow: starting {cmd}\n"
-        self._log_file.write(banner.encode())
-        self._log_file.flush()
-        try:
-            # Not pg_ctl: it daemonizes, so the postmaster would outlive us and escape
-            # PR_SET_PDEATHSIG. The postmaster in the foreground is our child.
-            self._proc = subprocess.Popen(
-                cmd,
-                cwd=self._require_cluster(),
-                env=_child_env(self._require_cluster()),
-                stdin=subprocess.DEVNULL,
-                # The log file is opened here, by us, and inherited: it can sit in a
-                # workdir the server user cannot reach.
-                stdout=self._log_file,
-                stderr=subprocess.STDOUT,
-                # Own session: a Ctrl-C in the terminal reaches us, not the server, and
-                # stop() decides how it goes down.
-                start_new_session=True,
-                preexec_fn=_pdeathsig_preexec() if self.die_with_parent else None,
-                **user.popen_kwargs(),
-            )
-        except OSError as exc:
-            self._reap()
-            raise PostgresError(f"cannot run {binaries.postgres}: {exc}") from exc
+        # Not pg_ctl: it daemonizes, so the postmaster would outlive us and escape
+        # PR_SET_PDEATHSIG. The postmaster in the foreground is our child. Its
+        # preexec_fn runs after subprocess has switched to the server user (a
+        # credential change clears PR_SET_PDEATHSIG, so the order matters), and the
+        # backends notice their postmaster's death and exit on their own.
+        self._spawn(
+            cmd,
+            self.log_path,
+            f"starting {cmd}",
+            cwd=cluster,
+            env=_child_env(cluster),
+            **user.popen_kwargs(),
+        )
+
+    def _become_ready(self) -> None:
+        # From the launch, not from start(): a slow initdb on a loaded CI machine has
+        # its own timeout and must not eat into the server's.
+        conn = self._wait_ready(self._launched_at + self.ready_timeout)
+        self.timings["boot"] = time.monotonic() - self._launched_at
+        t = time.monotonic()
+        with conn:
+            self._ensure_database(conn, self.database)
+        self.timings["database"] = time.monotonic() - t
+
+    @property
+    def _ready_what(self) -> str:
+        return f"PostgreSQL {self.binaries.version}" if self.binaries else self._what
 
     def _wait_ready(self, deadline: float) -> psycopg.Connection[Any]:
         """Wait for status "ready" in postmaster.pid (what pg_ctl waits on; no failed
         logins in the log while it boots or recovers), then for a psycopg connection."""
         pg = _psycopg()
-        assert self._proc is not None
-        while True:
-            self._check_alive()
+        postmaster = self.pid
+
+        def says_ready() -> bool | None:
             info = _read_postmaster_pid(self.data_dir)
-            if info is not None and info[0] == self._proc.pid and info[3] == "ready":
-                break
-            if time.monotonic() > deadline:
-                self._fail("postmaster.pid never said ready")
-            time.sleep(0.02)
-        last: object = None
-        while True:
-            self._check_alive()
-            try:
-                conn: psycopg.Connection[Any] = pg.connect(
-                    self.url_for("postgres"),
-                    autocommit=True,
-                    connect_timeout=max(1, min(5, int(deadline - time.monotonic()))),
-                )
-                return conn
-            except pg.OperationalError as exc:
-                last = exc
-            if time.monotonic() > deadline:
-                self._fail(f"cannot connect to {self.url_for('postgres')} ({last})")
-            time.sleep(0.05)
+            ready = info is not None and info[0] == postmaster and info[3] == "ready"
+            return ready or None
+
+        def connect() -> psycopg.Connection[Any]:
+            conn: psycopg.Connection[Any] = pg.connect(
+                self.url_for("postgres"),
+                autocommit=True,
+                connect_timeout=max(1, min(5, int(deadline - time.monotonic()))),
+            )
+            return conn
+
+        self._wait_for(says_ready, deadline, 0.02, "postmaster.pid never said ready")
+        return self._wait_for(
+            connect,
+            deadline,
+            0.05,
+            f"cannot connect to {self.url_for('postgres')}",
+            retry_on=(pg.OperationalError,),
+        )
 
     def _ensure_database(self, conn: psycopg.Connection[Any], name: str) -> None:
         pg = _psycopg()
@@ -936,7 +819,13 @@ class PostgresServer:
             time.sleep(0.01)
         return True
 
-    def _after_postmaster_death(self) -> None:
+    def _before_kill(self, proc: subprocess.Popen[bytes]) -> None:
+        # Frozen, the postmaster can neither fork nor react to its children's deaths;
+        # the children die first, so none outlives it long enough to notice its death.
+        proc.send_signal(signal.SIGSTOP)
+        self._kill_server_processes(last=proc.pid)
+
+    def _after_death(self) -> None:
         """With the postmaster dead: kill its leftover processes and the lock state a
         crash leaves behind that could only make the next start fail spuriously."""
         if self._cluster_dir is None or self.binaries is None:
@@ -955,53 +844,8 @@ class PostgresServer:
         (data / "postmaster.pid").unlink(missing_ok=True)
         (self.socket_dir / f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
 
-    def _check_alive(self) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            code = None if self._proc is None else self._proc.returncode
-            self._fail(f"the postmaster exited during startup (exit {code})")
-
-    def _fail(self, why: str) -> NoReturn:
-        raise PostgresError(
-            f"PostgreSQL in {self.workdir} did not become ready "
-            f"(ready_timeout={self.ready_timeout:.0f}s): {why}\n"
-            f"--- {self.log_path} (tail) ---\n{_tail(self.log_path, 40)}"
-        )
-
-    def _hard_stop(self) -> int | None:
-        proc = self._proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        self._after_postmaster_death()
-        return self._reap()
-
-    def _reap(self) -> int | None:
-        code = self._proc.returncode if self._proc is not None else None
-        self._proc = None
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        _running.discard(self)
-        return code
-
-
-def _tail(path: Path, n: int) -> str:
-    """The last n lines of a file, read from its end (logs grow large)."""
-    try:
-        with path.open("rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            data = b""
-            while size > 0 and data.count(b"\n") <= n:
-                step = min(8192, size)
-                size -= step
-                handle.seek(size)
-                data = handle.read(step) + data
-    except FileNotFoundError:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-n:])
+    def _fail_logs(self) -> str:
+        return tail_section(self.log_path, 40)
 
 
 # ------------------------------------------------------------------------------- CLI
@@ -1012,6 +856,21 @@ def _parse_setting(text: str) -> tuple[str, str]:
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
     return key.strip(), value
+
+
+def _cli_lines(server: PostgresServer) -> list[str]:
+    # After start(): data_dir is known only once the cluster's location is chosen.
+    lines = [
+        f"url={server.url}",
+        f"log: {server.log_path}  data: {server.data_dir}  (Ctrl-C to stop)",
+    ]
+    if server.data_dir.parent in _owned_scratch:
+        lines.append(
+            f"note: the server user cannot enter {server.workdir}, so the data lives "
+            "in a scratch dir that is removed on exit; use a dir it can enter "
+            "(e.g. under /tmp) to keep it"
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1037,29 +896,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         server = PostgresServer(args.dir, args.port, settings=dict(args.settings))
-        # SIGTERM (e.g. from a bench script) stops the server the same way as Ctrl-C;
-        # SIGINT also when started in the background by a non-interactive shell, which
-        # starts its jobs with SIGINT ignored.
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        with server:
-            print(f"url={server.url}", flush=True)
-            print(f"log: {server.log_path}  data: {server.data_dir}  (Ctrl-C to stop)", flush=True)
-            if server.data_dir.parent in _owned_scratch:
-                print(
-                    f"note: the server user cannot enter {server.workdir}, so the data lives "
-                    "in a scratch dir that is removed on exit; use a dir it can enter "
-                    "(e.g. under /tmp) to keep it",
-                    flush=True,
-                )
-            try:
-                while server.is_running():
-                    time.sleep(0.5)
-            except KeyboardInterrupt:
-                print("stopping...", flush=True)
-                return 0
-            print(f"server exited unexpectedly:\n{server.log_tail(40)}", file=sys.stderr)
-            return 1
+        return run_in_foreground(server, lambda: _cli_lines(server), "server")
     except PostgresError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
