@@ -110,11 +110,23 @@ def embedded_store(tmp_path: Path) -> str:
     return str(tmp_path / "store.db")
 
 
+# A test that uses one of these (directly or through another fixture) needs that part:
+# it is marked so, whether or not its module says it, and under CI it cannot skip.
+_NEEDS = {
+    "kafka": {"kafka_broker", "own_broker", "demo_broker"},
+    "postgres": {"postgres_server", "postgres_url"},
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         callspec = getattr(item, "callspec", None)
         if callspec is not None and callspec.params.get("backend") == "kafka":
             item.add_marker(pytest.mark.kafka)
+        used = set(getattr(item, "fixturenames", ()))
+        for marker, fixtures in _NEEDS.items():
+            if used & fixtures:
+                item.add_marker(marker)
 
 
 @pytest.fixture
