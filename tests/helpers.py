@@ -12,6 +12,9 @@ from typing import Any
 import pytest
 
 from onceflow import Consumer, Record
+from onceflow._supervisor import Child
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def read_all(store: str, topic: str) -> list[Record]:
@@ -42,3 +45,19 @@ def own_broker(path: Path) -> Iterator[Any]:
         yield broker
     finally:
         broker.stop()
+
+
+def run_until_idle(
+    target: str,
+    store: str,
+    *,
+    crash_at: str | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> bool:
+    """One incarnation of the App in a child process, run until idle: it must exit
+    cleanly, or, armed with `crash_at`, may die there. Whether it died there."""
+    child = Child(target, store=store, until_idle=True, crash_at=crash_at, env=env, cwd=str(ROOT))
+    code = child.wait(timeout)
+    assert code in ((0, -9) if crash_at else (0,)), child.stderr()
+    return child.killed

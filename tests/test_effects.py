@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 
 from onceflow import App, ConfigError, EffectSink, HttpEffectSink, PermanentError
-from onceflow._supervisor import Child
 from onceflow.testing import Event, send
 
-from .helpers import read_all
+from .helpers import read_all, run_until_idle
 from .payment_server import PaymentServer
 
 ROOT = Path(__file__).resolve().parent.parent
+CHARGES = "tests.pipelines:charges_app"
 
 
 def payments(n: int) -> list[Event]:
@@ -41,20 +41,8 @@ def test_each_effect_applied_once_through_kills(
     killed = 0
     for i, start in enumerate(range(0, len(evs), 20)):
         send(store, evs[start : start + 20])
-        child = Child(
-            "tests.pipelines:charges_app",
-            store=store,
-            until_idle=True,
-            crash_at=f"{point}:{1 + i % 3}",
-            env=env,
-            cwd=str(ROOT),
-        )
-        assert child.wait(60) in (0, -9), child.stderr()
-        killed += child.killed
-    final = Child(
-        "tests.pipelines:charges_app", store=store, until_idle=True, env=env, cwd=str(ROOT)
-    )
-    assert final.wait(60) == 0, final.stderr()
+        killed += run_until_idle(CHARGES, store, crash_at=f"{point}:{1 + i % 3}", env=env)
+    run_until_idle(CHARGES, store, env=env)
     assert killed >= 2
     good = [e for e in evs if e.value["amount"] >= 0]
     # Every effect once, by the server's own count; retries re-sent the same key.

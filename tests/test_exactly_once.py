@@ -26,7 +26,7 @@ from onceflow.testing import (
 )
 
 from . import pipelines
-from .helpers import read_all
+from .helpers import read_all, run_until_idle
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -137,20 +137,9 @@ def test_file_sink_never_shows_a_partial_or_doubled_line(tmp_path: Path) -> None
     killed = 0
     for i, chunk in enumerate(range(0, len(events), 25)):
         send(store, events[chunk : chunk + 25])
-        child = Child(
-            "tests.pipelines:with_sinks_app",
-            store=store,
-            crash_at=f"sink_flush:{1 + i % 2}",
-            until_idle=True,
-            env=env,
-            cwd=str(ROOT),
-        )
-        assert child.wait(60) in (0, -9), child.stderr()
-        killed += child.killed
-    final = Child(
-        "tests.pipelines:with_sinks_app", store=store, until_idle=True, env=env, cwd=str(ROOT)
-    )
-    assert final.wait(60) == 0, final.stderr()
+        target = "tests.pipelines:with_sinks_app"
+        killed += run_until_idle(target, store, crash_at=f"sink_flush:{1 + i % 2}", env=env)
+    run_until_idle("tests.pipelines:with_sinks_app", store, env=env)
     assert killed >= 2
     lines = out.read_bytes().split(b"\n")
     assert lines[-1] == b""

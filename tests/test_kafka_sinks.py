@@ -19,12 +19,13 @@ from onceflow._kafka import KafkaSession
 from onceflow._kafka_common import KafkaURL
 from onceflow._supervisor import Child, wait_until
 
-from .helpers import read_all
+from .helpers import read_all, run_until_idle
 from .payment_server import PaymentServer
 from .test_effects import payments
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 ROOT = Path(__file__).resolve().parent.parent
+CHARGES = "tests.pipelines:charges_app"
 
 
 @pytest.fixture
@@ -191,27 +192,13 @@ def test_each_effect_applied_once_through_kills_on_kafka(
     killed = 0
     for i, start in enumerate(range(0, len(evs), 15)):
         send(kstore, "payments", [(e.key, e.value, e.id) for e in evs[start : start + 15]], 2)
-        child = Child(
-            "tests.pipelines:charges_app",
-            store=kstore,
-            until_idle=True,
-            crash_at=f"{point}:{1 + i % 3}",
-            env={**env, "ONCEFLOW_WORKER": "0"},
-            cwd=str(ROOT),
-        )
-        assert child.wait(120) in (0, -9), child.stderr()
-        killed += child.killed
+        crash = f"{point}:{1 + i % 3}"
+        slot0 = {**env, "ONCEFLOW_WORKER": "0"}
+        killed += run_until_idle(CHARGES, kstore, crash_at=crash, env=slot0, timeout=120)
     # Past the session timeout, the last killed slot's static membership has expired:
     # another slot, with no local copy, takes every partition and its pending intents.
     time.sleep(11)
-    final = Child(
-        "tests.pipelines:charges_app",
-        store=kstore,
-        until_idle=True,
-        env={**env, "ONCEFLOW_WORKER": "1"},
-        cwd=str(ROOT),
-    )
-    assert final.wait(120) == 0, final.stderr()
+    run_until_idle(CHARGES, kstore, env={**env, "ONCEFLOW_WORKER": "1"}, timeout=120)
     assert killed >= 2
     good = [e for e in evs if e.value["amount"] >= 0]
     assert sorted(v["id"] for v in server.applied.values()) == sorted(e.value["id"] for e in good)

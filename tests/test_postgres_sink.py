@@ -14,10 +14,10 @@ import pytest
 
 from onceflow import ConfigError, FencedError, PostgresSink, StoreError
 from onceflow._crash import CRASH_POINTS
-from onceflow._supervisor import Child
 from onceflow.testing import Crash, Event, run_with_crashes, send
 
 from . import pipelines
+from .helpers import run_until_idle
 
 pytestmark = pytest.mark.postgres
 ROOT = Path(__file__).resolve().parent.parent
@@ -91,22 +91,11 @@ def test_real_sigkill_between_prepare_and_commit_prepared(
     env = {"ONCEFLOW_POSTGRES_URL": postgres_url}
     for i, start in enumerate(range(0, len(evs), 30)):
         send(store, evs[start : start + 30])
-        child = Child(
-            "tests.pipelines:to_postgres_app",
-            store=store,
-            until_idle=True,
-            crash_at=f"{point}:{1 + i % 2}",
-            env=env,
-            cwd=str(ROOT),
-        )
-        assert child.wait(60) in (0, -9), child.stderr()
-        killed += child.killed
+        target = "tests.pipelines:to_postgres_app"
+        killed += run_until_idle(target, store, crash_at=f"{point}:{1 + i % 2}", env=env)
         # Right after a kill, before recovery: at most this epoch's prepared transaction.
         assert len(tables(postgres_url)[2]) <= 2
-    final = Child(
-        "tests.pipelines:to_postgres_app", store=store, until_idle=True, env=env, cwd=str(ROOT)
-    )
-    assert final.wait(60) == 0, final.stderr()
+    run_until_idle("tests.pipelines:to_postgres_app", store, env=env)
     assert killed >= 2
     ledger, _, prepared = tables(postgres_url)
     assert len(ledger) == 120 and prepared == []
