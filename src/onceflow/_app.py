@@ -186,15 +186,9 @@ class App:
     def _check_effect_sources(self) -> None:
         """On Kafka an effect sink's journal lives in the state of one input topic's
         partitions; a sink fed by two sources would journal half its intents nowhere."""
-        feeds: dict[str, set[str]] = {}
-        for src in self._sources:
-            stack = list(src.children)
-            while stack:
-                step = stack.pop()
-                if step.kind == "sink" and isinstance(step.fn, EffectSink):
-                    feeds.setdefault(step.name, set()).add(src.options["topic"])
-                stack.extend(step.children)
-        for name, topics in feeds.items():
+        # Only a sink object used twice can be reached from two sources: no operator
+        # merges streams, so a stateful step always has one.
+        for name, topics in self._partitioned_steps().items():
             if len(topics) > 1:
                 raise ConfigError(
                     f"effect sink '{name}' is fed by sources {sorted(topics)}; on Kafka its "
@@ -350,10 +344,10 @@ class App:
         session.sinks_assigned = assigned
         session.sinks_revoked = revoked
 
-    def _step_topics(self) -> dict[str, str]:
-        """The input topic of each stateful step: its state is partitioned like it. An
-        effect sink's journal is partitioned the same way."""
-        out = {}
+    def _partitioned_steps(self) -> dict[str, set[str]]:
+        """Each step partitioned like its input (stateful steps and effect sinks) and
+        the source topics that reach it."""
+        out: dict[str, set[str]] = {}
         for src in self._sources:
             stack = list(src.children)
             while stack:
@@ -361,9 +355,15 @@ class App:
                 if step.kind in STATEFUL or (
                     step.kind == "sink" and isinstance(step.fn, EffectSink)
                 ):
-                    out[step.name] = src.options["topic"]
+                    out.setdefault(step.name, set()).add(src.options["topic"])
                 stack.extend(step.children)
         return out
+
+    def _step_topics(self) -> dict[str, str]:
+        """The input topic of each stateful step: its state is partitioned like it. An
+        effect sink's journal is partitioned the same way (one source each on Kafka,
+        checked by `build`)."""
+        return {name: min(topics) for name, topics in self._partitioned_steps().items()}
 
     def _wire_rebalances(self, session: Any, cp: Checkpoint, executor: Executor) -> None:
         """Kafka moves partitions between workers: commit what is in flight before giving
