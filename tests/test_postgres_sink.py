@@ -176,3 +176,33 @@ def test_max_prepared_transactions_zero_is_refused(tmp_path: Path) -> None:
             sink.open("app", conn)
     finally:
         server.close()
+
+
+def test_sinks_starting_at_once_create_their_tables_once(postgres_url: str) -> None:
+    """Workers start together: their CREATE TABLE IF NOT EXISTS must not collide (it
+    is not safe against itself in PostgreSQL without the sink's advisory lock)."""
+    import threading
+
+    from onceflow._sink_fences import SCHEMA as FENCE_SCHEMA
+
+    sinks = [PostgresSink(postgres_url, fn=lambda cur, rows: None) for _ in range(8)]
+    conns = [s._ensure() for s in sinks]
+    start = threading.Barrier(len(sinks))
+    errors: list[BaseException] = []
+
+    def open_one(sink: PostgresSink, conn: Any) -> None:
+        start.wait()
+        try:
+            sink._check_server(conn, FENCE_SCHEMA)
+        except BaseException as exc:
+            errors.append(exc)
+
+    pairs = zip(sinks, conns, strict=True)
+    threads = [threading.Thread(target=open_one, args=pair) for pair in pairs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for s in sinks:
+        s.close()
+    assert errors == []

@@ -43,6 +43,10 @@ SCHEMA = (
 )
 
 
+# The advisory lock key under which sinks create their bookkeeping tables.
+_SCHEMA_LOCK = 0x6F6E6365666C6F77  # "onceflow"
+
+
 def _psycopg() -> Any:
     try:
         import psycopg
@@ -161,9 +165,7 @@ class PostgresSink(Sink):
         self._gid = None
         self._fences = PartitionFences(app, self.name, session.committed_of)
         pg = self._ensure()
-        self._check_server(pg)
-        for stmt in FENCE_SCHEMA:
-            pg.execute(stmt)
+        self._check_server(pg, FENCE_SCHEMA)
         if self.table is not None:
             self._check_table(pg)
 
@@ -175,7 +177,7 @@ class PostgresSink(Sink):
         if self._fences is not None:
             self._fences.release(parts)
 
-    def _check_server(self, pg: Any) -> None:
+    def _check_server(self, pg: Any, extra: Sequence[str] = ()) -> None:
         (maxp,) = pg.execute("SHOW max_prepared_transactions").fetchone()
         if int(maxp) <= 0:
             raise ConfigError(
@@ -183,8 +185,13 @@ class PostgresSink(Sink):
                 "prepare transactions. Operator action: set max_prepared_transactions to at "
                 "least the number of sinks (e.g. 20) in postgresql.conf and restart it"
             )
-        for stmt in SCHEMA:
-            pg.execute(stmt)
+        # CREATE TABLE IF NOT EXISTS is not safe against itself: two workers starting at
+        # once both find no table, and one fails on the catalog's unique index. A
+        # transaction-scoped advisory lock makes them take turns.
+        with pg.transaction():
+            pg.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            for stmt in (*SCHEMA, *extra):
+                pg.execute(stmt)
 
     def _check_table(self, pg: Any) -> None:
         assert self.table is not None
