@@ -94,3 +94,29 @@ def test_postgres_receiver(postgres_url: str) -> None:
             rx.handle(event_id(rec), lambda c: _credit(c, rec, "%s"))
         assert conn.execute("SELECT total FROM balance").fetchone()[0] == 7
         assert rx.seen("p-1")
+
+
+def test_postgres_receivers_starting_at_once_create_their_table_once(postgres_url: str) -> None:
+    import threading
+
+    import psycopg
+
+    conns = [psycopg.connect(postgres_url, autocommit=True) for _ in range(8)]
+    start = threading.Barrier(len(conns))
+    errors: list[BaseException] = []
+
+    def open_one(conn: Any) -> None:
+        start.wait()
+        try:
+            IdempotentReceiver(conn)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_one, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for c in conns:
+        c.close()
+    assert errors == []

@@ -43,6 +43,10 @@ def event_id(record: Record) -> str:
     return record.id or f"{record.topic}/{record.partition}/{record.offset}"
 
 
+# The advisory lock key under which receivers create their table in PostgreSQL.
+_DDL_LOCK = 0x6F6E63657265637A  # "oncerecz"
+
+
 class IdempotentReceiver:
     """Runs each effect once per event id, in the receiver's own database transaction."""
 
@@ -63,7 +67,17 @@ class IdempotentReceiver:
             f"CREATE TABLE IF NOT EXISTS {self._table}("
             "id TEXT PRIMARY KEY, processed_at DOUBLE PRECISION NOT NULL)"
         )
-        self._run_in_txn(lambda c: c.execute(ddl))
+        self._run_in_txn(self._create(ddl))
+
+    def _create(self, ddl: str) -> Callable[[Any], Any]:
+        def create(c: Any) -> Any:
+            if not self._sqlite:
+                # Replicas starting at once: CREATE TABLE IF NOT EXISTS is not safe
+                # against itself in PostgreSQL; the advisory lock makes them take turns.
+                c.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK,))
+            return c.execute(ddl)
+
+        return create
 
     def _begin(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE" if self._sqlite else "BEGIN")
