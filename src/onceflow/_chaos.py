@@ -443,6 +443,7 @@ def _crash_points(app: App) -> list[str]:
     sinks = [s.fn for s in app._steps if s.kind == "sink"]
     reachable = {
         "sink_flush": any(isinstance(s, FileSink) for s in sinks),
+        "sink_delivered": any(isinstance(s, FileSink) for s in sinks),
         "sink_prepared": any(_two_phase(s) for s in sinks),
         "effect_called": any(isinstance(s, EffectSink) for s in sinks),
     }

@@ -754,12 +754,12 @@ def plan_kills(kills: int, rng: random.Random, *, sink: bool = False) -> list[Ki
     if sink:
         # The demo's one sink is transactional: the idempotent and effect points are
         # never reached.
-        unreachable: tuple[str, ...] = ("sink_flush", "effect_called")
+        unreachable: tuple[str, ...] = ("sink_flush", "sink_delivered", "effect_called")
         first: tuple[str, ...] = ("sink_prepared", "after_commit", "in_transaction")
         n_crash = min(kills, max(2, kills // 3))
     else:
         # The demo writes to topics only: the sink and effect points are never reached.
-        unreachable = ("sink_flush", "sink_prepared", "effect_called")
+        unreachable = ("sink_flush", "sink_delivered", "sink_prepared", "effect_called")
         first = ("in_transaction", "after_commit")
         n_crash = max(1, kills // 3)
     points = [p for p in CRASH_POINTS if p not in unreachable]

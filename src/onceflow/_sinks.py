@@ -207,6 +207,7 @@ class FileSink(Sink):
                 os.fsync(fd)
             finally:
                 os.close(fd)
+            self._crash("sink_delivered")
             in_txn = conn.in_transaction
             if not in_txn:
                 conn.execute("BEGIN IMMEDIATE")

@@ -14,6 +14,8 @@ import tempfile
 import time
 from collections.abc import Mapping
 
+from ._crash import CRASH_ENV, PAUSE_ENV
+
 
 class Child:
     """One incarnation of the App process: `python -m onceflow._worker TARGET`."""
@@ -25,14 +27,18 @@ class Child:
         store: str,
         until_idle: bool = False,
         crash_at: str | None = None,
+        pause_at: str | None = None,
         env: Mapping[str, str] | None = None,
         cwd: str | None = None,
     ) -> None:
         full = dict(os.environ)
         full.update(env or {})
-        full.pop("ONCEFLOW_CRASH_AT", None)
+        full.pop(CRASH_ENV, None)
+        full.pop(PAUSE_ENV, None)
         if crash_at:
-            full["ONCEFLOW_CRASH_AT"] = crash_at
+            full[CRASH_ENV] = crash_at
+        if pause_at:
+            full[PAUSE_ENV] = pause_at
         cmd = [sys.executable, "-m", "onceflow._worker", target, "--store", store]
         if until_idle:
             cmd.append("--until-idle")
@@ -58,6 +64,26 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.kill()
         return self.proc.returncode
+
+    def pause(self) -> None:
+        """SIGSTOP from outside: every thread stops where it is, heartbeats included."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT: a paused child goes on from where it stopped, a zombie if another
+        process took over meanwhile."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
+    def stopped(self) -> bool:
+        """Whether the child is stopped (by SIGSTOP, its own at a pause point or ours)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                # The state follows the command name, which is in parentheses.
+                return f.read().rpartition(")")[2].split()[0] == "T"
+        except (FileNotFoundError, IndexError):
+            return False
 
     def wait(self, timeout: float | None = None) -> int:
         return self.proc.wait(timeout)
