@@ -23,6 +23,7 @@ from ._errors import (
     SinkGuaranteeError,
     StoreError,
     TopologyError,
+    UnavailableError,
     UserFunctionError,
 )
 from ._hooks import Hooks
@@ -60,5 +61,6 @@ __all__ = [
     "StoreError",
     "Stream",
     "TopologyError",
+    "UnavailableError",
     "UserFunctionError",
 ]

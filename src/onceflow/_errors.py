@@ -7,6 +7,7 @@ OnceflowError
 ├── SinkGuaranteeError   an exactly-once App was given a weaker sink
 ├── StoreError           the store failed or holds something unexpected
 │   └── FencedError      another process took over this app's partitions
+├── UnavailableError     a broker, database or API is unreachable; retried by onceflow
 ├── CommitError          a checkpoint failed; the App rewinds to the last commit
 └── UserFunctionError    a user function raised while on_error="stop"
 """
@@ -47,6 +48,12 @@ class StoreError(OnceflowError):
 
 class FencedError(StoreError):
     """A newer process owns the partitions; this one must stop without committing."""
+
+
+class UnavailableError(OnceflowError):
+    """A system onceflow depends on (the broker, a database, an outside API) cannot be
+    reached right now. Nothing is lost: the App waits with backoff and resumes by itself;
+    this is raised to a caller only where waiting is not possible."""
 
 
 class CommitError(OnceflowError):
