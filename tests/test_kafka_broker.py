@@ -1,5 +1,7 @@
-"""The Kafka test broker itself: a real KRaft broker whose transactions work and whose
-committed data survives a SIGKILL. Everything the Kafka backend's tests build on.
+"""The Kafka test brokers themselves: a real KRaft broker whose transactions work, whose
+committed data survives a SIGKILL and which serves again after a pause; and a real
+three-node cluster whose transactions go on through a leader SIGKILL and a paused
+leader. Everything the Kafka backend's tests and chaos runs build on.
 
 confluent_kafka is imported inside the tests, after the broker started: when it is
 missing, start() raises KafkaUnavailable and the test skips (fails under CI) with the
@@ -9,6 +11,7 @@ hint, instead of the whole module failing to import.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,6 +20,8 @@ from typing import Any
 
 import pytest
 from infra.kafka_broker import KafkaBroker, KafkaUnavailable, resolve
+
+Server = KafkaBroker
 
 TOPIC = "events"
 TXN_ID = "test-broker-txn"
@@ -44,21 +49,36 @@ def _rounded(timings: dict[str, float]) -> dict[str, float]:
     return {phase: round(seconds, 2) for phase, seconds in timings.items()}
 
 
-def _client_config(broker: KafkaBroker, **extra: Any) -> dict[str, Any]:
+def _client_config(broker: Server, **extra: Any) -> dict[str, Any]:
     return {"bootstrap.servers": broker.bootstrap, "logger": CLIENT_LOG, **extra}
 
 
-def _create_topic(broker: KafkaBroker, name: str, partitions: int) -> None:
+def _create_topic(
+    broker: Server, name: str, partitions: int, *, replicas: list[int] | None = None
+) -> None:
+    """A topic with the server's default replication factor (1 on a single broker, 3 on
+    the cluster), or on the ``replicas`` given, the first of which is its leader."""
     # The documented import; the 2.x stubs re-export NewTopic without marking it public.
     from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
     admin = AdminClient(_client_config(broker))
-    for future in admin.create_topics([NewTopic(name, partitions, 1)]).values():
+    topic = (
+        NewTopic(name, partitions)
+        if replicas is None
+        else NewTopic(name, partitions, -1, replica_assignment=[replicas] * partitions)
+    )
+    for future in admin.create_topics([topic]).values():
         future.result(timeout=30)
 
 
 def _produce_transaction(
-    broker: KafkaBroker, values: list[bytes], *, commit: bool, producer: Any = None
+    broker: Server,
+    values: list[bytes],
+    *,
+    commit: bool,
+    producer: Any = None,
+    topic: str = TOPIC,
+    txn_id: str = TXN_ID,
 ) -> Any:
     """Produce ``values`` in one transaction, flushed to the broker, then commit or abort.
 
@@ -69,11 +89,11 @@ def _produce_transaction(
     from confluent_kafka import Producer
 
     if producer is None:
-        producer = Producer(_client_config(broker, **{"transactional.id": TXN_ID}))
+        producer = Producer(_client_config(broker, **{"transactional.id": txn_id}))
         producer.init_transactions(30)
     producer.begin_transaction()
     for i, value in enumerate(values):
-        producer.produce(TOPIC, value, key=str(i).encode())
+        producer.produce(topic, value, key=str(i).encode())
     assert producer.flush(30) == 0
     if commit:
         producer.commit_transaction(30)
@@ -82,8 +102,9 @@ def _produce_transaction(
     return producer
 
 
-def _read_all(broker: KafkaBroker, isolation: str) -> list[bytes]:
-    """Every record of TOPIC visible at ``isolation``, read to the end of each partition.
+def _read_all(broker: Server, isolation: str, topic: str = TOPIC) -> list[bytes]:
+    """Every record of ``topic`` visible at ``isolation``, read to the end of each
+    partition, in log order.
 
     Ends on the partition-EOF events, which librdkafka raises at the high watermark
     (read_uncommitted) or the last stable offset (read_committed), so the result is
@@ -103,8 +124,8 @@ def _read_all(broker: KafkaBroker, isolation: str) -> list[bytes]:
         )
     )
     try:
-        partitions = consumer.list_topics(TOPIC, timeout=30).topics[TOPIC].partitions
-        consumer.assign([TopicPartition(TOPIC, p, OFFSET_BEGINNING) for p in partitions])
+        partitions = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
         at_end: set[int] = set()
         values: list[bytes] = []
         deadline = time.monotonic() + 60
@@ -177,6 +198,49 @@ def test_graceful_stop_and_restart_keep_data(broker: KafkaBroker) -> None:
     assert "Kafka Server started" in broker.log_tail(100_000)
     broker.restart()
     assert sorted(_read_all(broker, "read_committed")) == sorted(records)
+
+
+@pytest.mark.kafka
+def test_a_broker_paused_in_the_middle_of_a_commit_finishes_it_once_resumed(
+    broker: KafkaBroker,
+) -> None:
+    from confluent_kafka import Producer
+
+    _create_topic(broker, TOPIC, partitions=1)
+    values = [f"paused-{i}".encode() for i in range(5)]
+    producer = Producer(_client_config(broker, **{"transactional.id": TXN_ID}))
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for value in values:
+        producer.produce(TOPIC, value)
+    assert producer.flush(30) == 0
+
+    errors: list[BaseException] = []
+
+    def commit() -> None:
+        try:
+            producer.commit_transaction(60)
+        except BaseException as exc:
+            errors.append(exc)
+
+    committing = threading.Thread(target=commit)
+    with broker.paused():
+        assert broker.is_paused()
+        committing.start()
+        # The commit request reached the frozen broker and waits, unread, in its socket.
+        _wait_until(lambda: broker.unread_bytes() > 0, "no request reached the paused broker")
+        assert committing.is_alive()  # nothing could have answered it
+    assert not broker.is_paused()
+    committing.join(60)
+    assert not committing.is_alive() and errors == []
+    assert _read_all(broker, "read_committed") == values
+
+
+def _wait_until(condition: Any, why: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.01)
 
 
 def test_missing_java_or_maven_is_reported_as_unavailable(
