@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 from infra.kafka_broker import KafkaBroker, KafkaUnavailable, resolve
+from infra.kafka_cluster import KafkaCluster
 
-Server = KafkaBroker
+# A single broker or a cluster: what the helpers below need is `bootstrap`.
+Server = KafkaBroker | KafkaCluster
 
 TOPIC = "events"
 TXN_ID = "test-broker-txn"
@@ -241,6 +243,112 @@ def _wait_until(condition: Any, why: str, timeout: float = 60.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, why
         time.sleep(0.01)
+
+
+# ------------------------------------------------------------------- the cluster
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """One three-node cluster for the module: each test leaves it healthy."""
+    cluster = KafkaCluster(tmp_path_factory.mktemp("cluster"))
+    started = time.monotonic()
+    try:
+        cluster.start()
+    except KafkaUnavailable as exc:
+        pytest.skip(str(exc))
+    print(f"\nKafka cluster start: {time.monotonic() - started:.1f}s {_rounded(cluster.timings)}")
+    try:
+        yield cluster
+    finally:
+        # Its data goes with the temp dir; a controlled shutdown would only cost seconds.
+        cluster.kill()
+
+
+def _on(cluster: KafkaCluster, leader: int) -> list[int]:
+    """All nodes, ``leader`` first: the replica assignment that makes it the leader."""
+    return [leader] + [node.node_id for node in cluster.nodes if node.node_id != leader]
+
+
+@pytest.mark.kafka
+def test_cluster_commits_through_a_sigkill_of_the_leader_and_coordinator(
+    cluster: KafkaCluster,
+) -> None:
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, ConfigResource
+
+    topic, txn_id = "cl-kill", "cl-kill-txn"
+    victim = cluster.transaction_coordinator(txn_id)
+    assert victim is not None
+    _create_topic(cluster, topic, 1, replicas=_on(cluster, victim))
+    assert cluster.wait_for_leader(topic) == victim
+
+    before = [f"before-{i}".encode() for i in range(20)]
+    during = [f"during-{i}".encode() for i in range(20)]
+    after = [f"after-{i}".encode() for i in range(20)]
+    producer = Producer(_client_config(cluster, **{"transactional.id": txn_id}))
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for value in before:
+        producer.produce(topic, value)
+    assert producer.flush(30) == 0
+    with cluster.node(victim).down():  # SIGKILL now, started again after the block
+        # The open transaction goes on: more records, then the commit, while the
+        # cluster fences the dead node, elects a new leader and a new coordinator.
+        for value in during:
+            producer.produce(topic, value)
+        producer.commit_transaction(120)
+        assert cluster.wait_for_leader(topic, not_on={victim}) != victim
+        _produce_transaction(cluster, after, commit=True, producer=producer, topic=topic)
+    assert cluster.node(victim).is_running()
+    cluster.wait_healthy()  # the restarted node caught up and is back in every ISR
+
+    # Read from the node that was killed, leading again: each record once, in order.
+    assert cluster.elect_preferred(topic) == victim
+    assert _read_all(cluster, "read_committed", topic) == before + during + after
+
+    # Every partition on three nodes, the internal ones included, and a write needs two.
+    admin = AdminClient(_client_config(cluster))
+    metadata = admin.list_topics(timeout=30)
+    for name in (topic, "__transaction_state", "__consumer_offsets"):
+        partitions = metadata.topics[name].partitions.values()
+        assert {len(p.replicas) for p in partitions} == {3}, name
+    for name in (topic, "__transaction_state"):
+        (config,) = admin.describe_configs([ConfigResource("topic", name)]).values()
+        assert config.result()["min.insync.replicas"].value == "2", name
+
+
+@pytest.mark.kafka
+def test_cluster_fences_a_paused_leader_which_serves_again_once_resumed(
+    cluster: KafkaCluster,
+) -> None:
+    from confluent_kafka import Producer
+
+    topic, txn_id = "cl-pause", "cl-pause-txn"
+    coordinator = cluster.transaction_coordinator(txn_id)
+    victim = next(node.node_id for node in cluster.nodes if node.node_id != coordinator)
+    _create_topic(cluster, topic, 1, replicas=_on(cluster, victim))
+    assert cluster.wait_for_leader(topic) == victim
+
+    opened = [f"opened-{i}".encode() for i in range(20)]
+    later = [f"later-{i}".encode() for i in range(20)]
+    producer = Producer(_client_config(cluster, **{"transactional.id": txn_id}))
+    producer.init_transactions(30)
+    producer.begin_transaction()
+    for value in opened:
+        producer.produce(topic, value)
+    assert producer.flush(30) == 0
+    with cluster.node(victim).paused():
+        # Frozen mid-transaction: its broker session lapses, the controller fences it
+        # and a replica from the ISR leads; the transaction commits there.
+        assert cluster.wait_for_leader(topic, not_on={victim}) != victim
+        producer.commit_transaction(120)
+    cluster.wait_healthy()  # resumed, it rejoined every ISR
+
+    # It leads again and serves the producer that last knew it as leader.
+    assert cluster.elect_preferred(topic) == victim
+    _produce_transaction(cluster, later, commit=True, producer=producer, topic=topic)
+    assert _read_all(cluster, "read_committed", topic) == opened + later
 
 
 def test_missing_java_or_maven_is_reported_as_unavailable(
