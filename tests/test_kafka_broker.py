@@ -25,16 +25,14 @@ from infra.kafka_cluster import KafkaCluster
 # A single broker or a cluster: what the helpers below need is `bootstrap`.
 Server = KafkaBroker | KafkaCluster
 
-TOPIC = "events"
-TXN_ID = "test-broker-txn"
 # Route librdkafka's logs (connection refused while the broker is down, ...) through
 # logging, where pytest captures them, instead of raw writes to fd 2.
 CLIENT_LOG = logging.getLogger("tests.kafka.client")
 
 
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
-    broker = KafkaBroker(tmp_path / "kafka")
+@pytest.fixture(scope="module")
+def module_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaBroker]:
+    broker = KafkaBroker(tmp_path_factory.mktemp("kafka"))
     started = time.monotonic()
     try:
         broker.start()
@@ -45,6 +43,23 @@ def broker(tmp_path: Path) -> Iterator[KafkaBroker]:
         yield broker
     finally:
         broker.stop()
+
+
+@pytest.fixture
+def broker(module_broker: KafkaBroker) -> KafkaBroker:
+    """The module's broker, running: these tests kill, stop and pause it, and each
+    leaves it serving; one that failed half-way must not fail the next."""
+    if module_broker.is_paused():
+        module_broker.resume()
+    if not module_broker.is_running():
+        module_broker.start()
+    return module_broker
+
+
+@pytest.fixture
+def topic() -> str:
+    """A topic (and transactional id prefix) of the test's own on the shared broker."""
+    return f"events-{uuid.uuid4().hex[:8]}"
 
 
 def _rounded(timings: dict[str, float]) -> dict[str, float]:
@@ -79,8 +94,8 @@ def _produce_transaction(
     *,
     commit: bool,
     producer: Any = None,
-    topic: str = TOPIC,
-    txn_id: str = TXN_ID,
+    topic: str,
+    txn_id: str | None = None,
 ) -> Any:
     """Produce ``values`` in one transaction, flushed to the broker, then commit or abort.
 
@@ -91,7 +106,8 @@ def _produce_transaction(
     from confluent_kafka import Producer
 
     if producer is None:
-        producer = Producer(_client_config(broker, **{"transactional.id": txn_id}))
+        transactional_id = txn_id or f"{topic}-txn"
+        producer = Producer(_client_config(broker, **{"transactional.id": transactional_id}))
         producer.init_transactions(30)
     producer.begin_transaction()
     for i, value in enumerate(values):
@@ -104,7 +120,7 @@ def _produce_transaction(
     return producer
 
 
-def _read_all(broker: Server, isolation: str, topic: str = TOPIC) -> list[bytes]:
+def _read_all(broker: Server, isolation: str, topic: str) -> list[bytes]:
     """Every record of ``topic`` visible at ``isolation``, read to the end of each
     partition, in log order.
 
@@ -152,22 +168,22 @@ def _read_all(broker: Server, isolation: str, topic: str = TOPIC) -> list[bytes]
 
 
 @pytest.mark.kafka
-def test_transactions_survive_a_broker_crash(broker: KafkaBroker) -> None:
-    _create_topic(broker, TOPIC, partitions=2)
+def test_transactions_survive_a_broker_crash(broker: KafkaBroker, topic: str) -> None:
+    _create_topic(broker, topic, partitions=2)
     committed = [f"committed-{i}".encode() for i in range(10)]
     aborted = [f"aborted-{i}".encode() for i in range(5)]
-    producer = _produce_transaction(broker, committed, commit=True)
-    _produce_transaction(broker, aborted, commit=False, producer=producer)
+    producer = _produce_transaction(broker, committed, commit=True, topic=topic)
+    _produce_transaction(broker, aborted, commit=False, producer=producer, topic=topic)
 
     # The aborted records are really in the log; read_committed hides exactly them.
-    assert sorted(_read_all(broker, "read_uncommitted")) == sorted(committed + aborted)
-    assert sorted(_read_all(broker, "read_committed")) == sorted(committed)
+    assert sorted(_read_all(broker, "read_uncommitted", topic)) == sorted(committed + aborted)
+    assert sorted(_read_all(broker, "read_committed", topic)) == sorted(committed)
 
     # A transaction still open when the broker dies: written, flushed, never finished.
     in_flight = [f"in-flight-{i}".encode() for i in range(4)]
     producer.begin_transaction()
     for value in in_flight:
-        producer.produce(TOPIC, value)
+        producer.produce(topic, value)
     assert producer.flush(30) == 0
 
     bootstrap = broker.bootstrap
@@ -180,41 +196,41 @@ def test_transactions_survive_a_broker_crash(broker: KafkaBroker) -> None:
 
     # Committed data survived the crash; the aborted and the unfinished transactions
     # stay invisible.
-    assert sorted(_read_all(broker, "read_committed")) == sorted(committed)
-    assert set(in_flight) <= set(_read_all(broker, "read_uncommitted"))
+    assert sorted(_read_all(broker, "read_committed", topic)) == sorted(committed)
+    assert set(in_flight) <= set(_read_all(broker, "read_uncommitted", topic))
 
     # A new producer with the same transactional.id fences the pre-crash one, which
     # aborts its open transaction, and commits normally.
     after = [f"after-restart-{i}".encode() for i in range(3)]
-    _produce_transaction(broker, after, commit=True)
-    assert sorted(_read_all(broker, "read_committed")) == sorted(committed + after)
+    _produce_transaction(broker, after, commit=True, topic=topic)
+    assert sorted(_read_all(broker, "read_committed", topic)) == sorted(committed + after)
 
 
 @pytest.mark.kafka
-def test_graceful_stop_and_restart_keep_data(broker: KafkaBroker) -> None:
-    _create_topic(broker, TOPIC, partitions=1)
+def test_graceful_stop_and_restart_keep_data(broker: KafkaBroker, topic: str) -> None:
+    _create_topic(broker, topic, partitions=1)
     records = [f"r{i}".encode() for i in range(3)]
-    _produce_transaction(broker, records, commit=True)
+    _produce_transaction(broker, records, commit=True, topic=topic)
     assert broker.stop() is not None  # the JVM's exit status after SIGTERM
     assert not broker.is_running()
     assert "Kafka Server started" in broker.log_tail(100_000)
     broker.restart()
-    assert sorted(_read_all(broker, "read_committed")) == sorted(records)
+    assert sorted(_read_all(broker, "read_committed", topic)) == sorted(records)
 
 
 @pytest.mark.kafka
 def test_a_broker_paused_in_the_middle_of_a_commit_finishes_it_once_resumed(
-    broker: KafkaBroker,
+    broker: KafkaBroker, topic: str
 ) -> None:
     from confluent_kafka import Producer
 
-    _create_topic(broker, TOPIC, partitions=1)
+    _create_topic(broker, topic, partitions=1)
     values = [f"paused-{i}".encode() for i in range(5)]
-    producer = Producer(_client_config(broker, **{"transactional.id": TXN_ID}))
+    producer = Producer(_client_config(broker, **{"transactional.id": f"{topic}-txn"}))
     producer.init_transactions(30)
     producer.begin_transaction()
     for value in values:
-        producer.produce(TOPIC, value)
+        producer.produce(topic, value)
     assert producer.flush(30) == 0
 
     errors: list[BaseException] = []
@@ -235,7 +251,7 @@ def test_a_broker_paused_in_the_middle_of_a_commit_finishes_it_once_resumed(
     assert not broker.is_paused()
     committing.join(60)
     assert not committing.is_alive() and errors == []
-    assert _read_all(broker, "read_committed") == values
+    assert _read_all(broker, "read_committed", topic) == values
 
 
 def _wait_until(condition: Any, why: str, timeout: float = 60.0) -> None:
