@@ -3,12 +3,14 @@ server process run in the foreground as our child, on loopback, with its output 
 log file in the workdir.
 
 ``ManagedServer`` holds the life cycle (start, graceful stop with fallback, SIGKILL,
-restart), the readiness wait and its error; each subclass says how its server is
-prepared, launched and probed, and what a crash leaves behind to clean up.
+restart), the faults a test injects into it (a pause, an outage), the readiness wait
+and its error; each subclass says how its server is prepared, launched and probed, and
+what a crash leaves behind to clean up.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -19,10 +21,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, MutableSet, Sequence
+from collections.abc import Callable, Iterable, Iterator, MutableSet, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, ClassVar, NoReturn, Self, TypeVar
+from typing import IO, Any, ClassVar, Literal, NoReturn, Self, TypeVar
 
 T = TypeVar("T")
 
@@ -65,6 +67,31 @@ def pick_port(error: type[Exception], exclude: Sequence[int] = ()) -> int:
     raise error(f"no free loopback port in {low}-{high}")
 
 
+def unread_bytes(ports: Iterable[int]) -> int:
+    """Bytes the kernel received on established loopback connections to ``ports`` that
+    the listening process has not read yet (Linux: /proc/net/tcp*; 0 elsewhere).
+
+    While a server is paused this is how a test knows a client's request has reached
+    it, and will be served the moment it resumes: a pause "in the middle of a commit"
+    becomes a condition to wait on instead of a sleep that guesses.
+    """
+    wanted = {f"{port:04X}" for port in ports}
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            # sl local_address rem_address st tx_queue:rx_queue ...
+            fields = row.split()
+            if len(fields) < 5 or fields[3] != "01":  # 01: ESTABLISHED
+                continue
+            if fields[1].rpartition(":")[2] in wanted:
+                total += int(fields[4].partition(":")[2], 16)
+    return total
+
+
 # ------------------------------------------------------------------------- processes
 
 
@@ -94,6 +121,44 @@ def pdeathsig_preexec() -> Callable[[], None] | None:
     return preexec
 
 
+def _thread_states(pid: int) -> list[str] | None:
+    """The scheduler state letter of each thread of ``pid`` (None: cannot tell here)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return [] if sys.platform.startswith("linux") else None
+    states = []
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue  # the thread exited meanwhile
+        # The state follows the command name, which is in parentheses and may hold spaces.
+        fields = stat.rpartition(")")[2].split()
+        if fields:
+            states.append(fields[0])
+    return states
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether every thread of ``pid`` is stopped (SIGSTOP delivered and taken).
+
+    Every thread, not the main one only: a JVM's main thread parks early, and SIGSTOP is
+    taken by each thread on its way back to user space; a test that goes on before the
+    last one stopped could still be served by a thread that is "paused".
+    """
+    states = _thread_states(pid)
+    if states is None:
+        return False
+    return bool(states) and all(state == "T" for state in states)
+
+
+def is_continued(pid: int) -> bool:
+    """Whether no thread of ``pid`` is stopped any more (SIGCONT taken by all)."""
+    states = _thread_states(pid)
+    return states is None or all(state != "T" for state in states)
+
+
 def write_banner(log: IO[bytes], what: str) -> None:
     """Mark in an appended-to log where this run's output begins."""
     log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} onceflow: {what}\n".encode())
@@ -119,6 +184,39 @@ def tail(path: Path, n: int) -> str:
 
 def tail_section(path: Path, n: int) -> str:
     return f"--- {path} (tail) ---\n{tail(path, n)}"
+
+
+def wait_until(
+    probe: Callable[[], T | None],
+    deadline: float,
+    interval: float,
+    why: str,
+    *,
+    check: Callable[[], None],
+    fail: Callable[[str], NoReturn],
+    retry_on: tuple[type[BaseException], ...] = (),
+    pending: str | None = None,
+) -> T:
+    """Call ``probe`` until it returns a value, calling ``fail`` past ``deadline``.
+
+    A ``retry_on`` error, or ``pending`` for a None, is the last reason; the failure
+    says ``why`` and that reason. ``check`` runs before each try (it raises when the
+    server died), so a server that dies while we wait fails now, not at the deadline.
+    """
+    last: object = None
+    while True:
+        check()
+        try:
+            result = probe()
+        except retry_on as exc:
+            last = exc
+        else:
+            if result is not None:
+                return result
+            last = pending
+        if time.monotonic() > deadline:
+            fail(why if last is None else f"{why} ({last})")
+        time.sleep(interval)
 
 
 def run_in_foreground(server: ManagedServer, lines: Callable[[], Sequence[str]], what: str) -> int:
@@ -256,6 +354,10 @@ class ManagedServer:
             if proc is None:
                 return None
             if proc.poll() is None:
+                if is_stopped(proc.pid):
+                    # A paused server cannot act on SIGTERM: it would sit out the whole
+                    # timeout and be killed, losing the graceful stop asked for.
+                    os.killpg(proc.pid, signal.SIGCONT)
                 self._terminate(proc, self.stop_timeout if timeout is None else timeout)
             if proc.returncode != 0:
                 self._after_death()
@@ -284,6 +386,69 @@ class ManagedServer:
         if self.is_running():
             self.stop()
         return self.start()
+
+    # ------------------------------------------------------------------ faults
+
+    def pause(self) -> None:
+        """SIGSTOP the server: every thread freezes where it is, as in a long GC pause,
+        a stalled disk or a VM migration. Returns once all of them are stopped.
+
+        The whole process group is stopped (a server that forks, PostgreSQL, stops with
+        all its backends). Its sockets stay open: clients connect and send, and nothing
+        answers until resume(); peers that time it out meanwhile (a cluster fencing a
+        broker, a coordinator moving) are what such a test is about.
+        """
+        proc = self._require_running("pause")
+        os.killpg(proc.pid, signal.SIGSTOP)
+        self._wait_signal_taken(proc, is_stopped, "it stopped")
+
+    def resume(self) -> None:
+        """SIGCONT: a paused server goes on from the instruction where it stopped, with
+        the requests that arrived meanwhile waiting in its sockets."""
+        proc = self._require_running("resume")
+        os.killpg(proc.pid, signal.SIGCONT)
+        self._wait_signal_taken(proc, is_continued, "it continued")
+
+    def is_paused(self) -> bool:
+        """Whether the server's process is stopped (by pause() or a SIGSTOP of anyone's)."""
+        proc = self._proc
+        return proc is not None and proc.poll() is None and is_stopped(proc.pid)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[Self]:
+        """``with server.paused():`` the server is frozen for the block, resumed after it
+        (also when the block raises)."""
+        self.pause()
+        try:
+            yield self
+        finally:
+            if self.is_running():
+                self.resume()
+
+    @contextlib.contextmanager
+    def down(self, *, kill: bool = True) -> Iterator[Self]:
+        """``with server.down():`` an outage for the block: SIGKILL (or, with
+        ``kill=False``, a graceful stop) on entry, start() on the same ports and data on
+        exit, which returns once the server is ready again (also when the block raises).
+        """
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        try:
+            yield self
+        finally:
+            self.start()
+
+    def outage(self, seconds: float, *, how: Literal["kill", "stop", "pause"] = "kill") -> None:
+        """An outage of ``seconds``: the server is SIGKILLed, stopped gracefully or
+        paused, then, that long later, started again (ready) or resumed."""
+        if how == "pause":
+            with self.paused():
+                time.sleep(seconds)
+        else:
+            with self.down(kill=how == "kill"):
+                time.sleep(seconds)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -334,26 +499,39 @@ class ManagedServer:
         retry_on: tuple[type[BaseException], ...] = (),
         pending: str | None = None,
     ) -> T:
-        """Call ``probe`` until it returns a value, failing past ``deadline``.
+        """``wait_until`` for this server: its death or the deadline fails the start."""
+        return wait_until(
+            probe,
+            deadline,
+            interval,
+            why,
+            check=self._check_alive,
+            fail=self._fail,
+            retry_on=retry_on,
+            pending=pending,
+        )
 
-        A ``retry_on`` error, or ``pending`` for a None, is the last reason; the
-        failure says ``why`` and that reason. The process is checked before each try,
-        so a server that dies while booting fails now, not at the deadline.
-        """
-        last: object = None
-        while True:
-            self._check_alive()
-            try:
-                result = probe()
-            except retry_on as exc:
-                last = exc
-            else:
-                if result is not None:
-                    return result
-                last = pending
+    def _require_running(self, what: str) -> subprocess.Popen[bytes]:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            raise self._error(f"cannot {what} {self._what} in {self.workdir}: it is not running")
+        return proc
+
+    def _wait_signal_taken(
+        self, proc: subprocess.Popen[bytes], done: Callable[[int], bool], what: str
+    ) -> None:
+        # Delivery is asynchronous: without this wait, "paused" would only mean "asked
+        # to pause". Seconds are plenty: a thread in uninterruptible disk sleep takes
+        # the signal when its I/O returns.
+        if _thread_states(proc.pid) is None:
+            return  # no /proc here: the signal was sent, and that is all we can tell
+        deadline = time.monotonic() + 30
+        while not done(proc.pid):
+            if proc.poll() is not None:
+                raise self._error(f"{self._what} at {self._address} died before {what}")
             if time.monotonic() > deadline:
-                self._fail(why if last is None else f"{why} ({last})")
-            time.sleep(interval)
+                raise self._error(f"{self._what} at {self._address}: no {what} within 30s")
+            time.sleep(0.005)
 
     def _terminate(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
         signals = list(self._stop_signals)

@@ -10,7 +10,11 @@ by ``resolve()``) and run on the machine's Java 17+, the way the official script
         producer = Producer({"bootstrap.servers": broker.bootstrap, ...})
         broker.kill()      # SIGKILL: a hard broker crash
         broker.restart()   # same ports, same log dir: committed data survives
+        with broker.paused():  # SIGSTOP for the block, SIGCONT after it
+            ...
+        broker.outage(5)   # SIGKILL, 5 s, start (how="stop" / "pause" for the others)
 
+A three-node cluster with the same faults per node is ``infra.kafka_cluster``.
 Manual use: ``python infra/kafka_broker.py start --dir /tmp/kafka`` (see
 docs/kafka-broker.md).
 """
@@ -30,15 +34,16 @@ import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
 import uuid
 import weakref
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NoReturn
 
 if not __package__:
     # Run as a script (`python infra/kafka_broker.py`): `infra` is not importable yet.
@@ -50,6 +55,7 @@ from infra._process import (
     run_in_foreground,
     tail,
     tail_section,
+    unread_bytes,
 )
 
 __all__ = [
@@ -336,6 +342,10 @@ class KafkaBroker(ManagedServer):
     (default), once a transactional produce with consumer offsets has committed: the
     transaction and group coordinators are then loaded and the first test transaction
     does not race them.
+
+    Faults besides kill(): ``pause()`` / ``resume()`` / ``paused()`` (SIGSTOP, SIGCONT),
+    ``down()`` and ``outage(seconds)`` (see infra._process.ManagedServer), and
+    ``unread_bytes()`` to see a request waiting at a paused broker.
     """
 
     _error = KafkaBrokerError
@@ -343,6 +353,11 @@ class KafkaBroker(ManagedServer):
     _process_what = "the broker JVM"
     _running = _running
     _log = _log
+    #: The settings under the node's own (listeners, quorum, log dir) and the caller's
+    #: server_config; a cluster node has its own.
+    _defaults: ClassVar[Mapping[str, str]] = _BASE_CONFIG
+    #: JVM flags after the standard ones (kafka-run-class.sh's).
+    _extra_jvm_flags: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -377,17 +392,7 @@ class KafkaBroker(ManagedServer):
         self.timings: dict[str, float] = {}
 
         self.workdir.mkdir(parents=True, exist_ok=True)
-        state = self._load_state()
-        self.cluster_id: str = state.get("cluster_id") or _new_cluster_id()
-        # The controller port is written into the log dir at format time (the voter's
-        # endpoint in the bootstrap checkpoint), so once chosen it never changes.
-        stored_port = state.get("port")
-        self.port: int = port or stored_port or pick_port(KafkaBrokerError)
-        self.controller_port: int = state.get("controller_port") or pick_port(
-            KafkaBrokerError, exclude=[self.port]
-        )
-        if self.controller_port == self.port:
-            raise KafkaBrokerError(f"port {port} is this workdir's controller port")
+        self.cluster_id, self.port, self.controller_port = self._identity(self._load_state(), port)
         self._save_state()
 
     # -------------------------------------------------------------- public surface
@@ -400,6 +405,11 @@ class KafkaBroker(ManagedServer):
     @property
     def _address(self) -> str:
         return self.bootstrap
+
+    def unread_bytes(self) -> int:
+        """Bytes clients sent to the broker that it has not read yet (see pause()): while
+        it is paused, a value above 0 means a request is waiting for it."""
+        return unread_bytes([self.port])
 
     def start(self) -> KafkaBroker:
         """Format the log dir if new, launch the JVM and wait until it is ready.
@@ -416,12 +426,16 @@ class KafkaBroker(ManagedServer):
         self.timings["checks"] = t - self._started_at
         classpath = resolve()
         self.timings["resolve"] = time.monotonic() - t
+        self._prepare(java, classpath)
+        self._spawn_jvm(java, classpath)
+
+    def _prepare(self, java: str, classpath: str) -> None:
+        """Write the config, and format the log dir on its first start."""
         self._write_config()
         if not (self.data_dir / "meta.properties").exists():
             t = time.monotonic()
             self._format(java, classpath)
             self.timings["format"] = time.monotonic() - t
-        self._spawn_jvm(java, classpath)
 
     def _become_ready(self) -> None:
         self._wait_ready(self._started_at + self.ready_timeout)
@@ -454,6 +468,19 @@ class KafkaBroker(ManagedServer):
 
     # -------------------------------------------------------------------- internals
 
+    def _identity(self, state: Mapping[str, Any], port: int | None) -> tuple[str, int, int]:
+        """The cluster id, client port and controller port, kept from ``state`` if any."""
+        cluster_id: str = state.get("cluster_id") or _new_cluster_id()
+        # The controller port is written into the log dir at format time (the voter's
+        # endpoint in the bootstrap checkpoint), so once chosen it never changes.
+        client: int = port or state.get("port") or pick_port(KafkaBrokerError)
+        controller: int = state.get("controller_port") or pick_port(
+            KafkaBrokerError, exclude=[client]
+        )
+        if controller == client:
+            raise KafkaBrokerError(f"port {port} is this workdir's controller port")
+        return cluster_id, client, controller
+
     def _load_state(self) -> dict[str, Any]:
         try:
             loaded = json.loads(self._state_path.read_text())
@@ -470,24 +497,32 @@ class KafkaBroker(ManagedServer):
         }
         self._state_path.write_text(json.dumps(state, indent=2) + "\n")
 
-    def _write_config(self) -> None:
-        # Rewritten on every start, so a changed server_config or a moved workdir
-        # applies on restart; only the controller port must stay as formatted.
-        listeners = {
-            "listeners": (
-                f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
-            ),
-            "advertised.listeners": (
-                f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
-            ),
+    def _node_settings(self) -> dict[str, str]:
+        """This node's listeners, quorum and log dir."""
+        endpoints = (
+            f"PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller_port}"
+        )
+        return {
+            "listeners": endpoints,
+            "advertised.listeners": endpoints,
             # KIP-853 dynamic quorum, as in Kafka 4's config/server.properties: with
             # `format --standalone`, controller.quorum.voters must NOT be set.
             "controller.quorum.bootstrap.servers": f"127.0.0.1:{self.controller_port}",
             "log.dirs": str(self.data_dir),
         }
-        config = {**_BASE_CONFIG, **listeners, **self.server_config}
+
+    def _format_flags(self) -> list[str]:
+        # Node 1 as the only voter of a dynamic quorum (see _node_settings).
+        return ["--standalone"]
+
+    def _config(self) -> dict[str, str]:
+        return {**self._defaults, **self._node_settings(), **self.server_config}
+
+    def _write_config(self) -> None:
+        # Rewritten on every start, so a changed server_config or a moved workdir
+        # applies on restart; only the controller port must stay as formatted.
         lines = ["# Written by infra/kafka_broker.py on every start; edits are lost."]
-        lines += [f"{key}={value}" for key, value in config.items()]
+        lines += [f"{key}={value}" for key, value in self._config().items()]
         self.config_path.write_text("\n".join(lines) + "\n")
         self.log4j_path.write_text(_LOG4J2.format(path=self.server_log))
 
@@ -502,10 +537,14 @@ class KafkaBroker(ManagedServer):
         ]
 
     def _format(self, java: str, classpath: str) -> None:
-        # kafka-storage.sh format -t <id> -c server.properties --standalone: writes
-        # meta.properties and a bootstrap checkpoint making node 1 the only voter.
+        # kafka-storage.sh format -t <id> -c server.properties [--standalone]: writes
+        # meta.properties and the bootstrap checkpoint (with --standalone, one making
+        # node 1 the only voter).
         cmd = [
             *self._jvm_base(java, "256m"),
+            # A run of seconds: C2 would compile nothing it gets to use (measured: the
+            # format JVM takes 2.5-3.7 s of CPU with it on the 2-core dev machine).
+            "-XX:TieredStopAtLevel=1",
             "-cp",
             classpath,
             "kafka.tools.StorageTool",
@@ -514,7 +553,7 @@ class KafkaBroker(ManagedServer):
             self.cluster_id,
             "--config",
             str(self.config_path),
-            "--standalone",
+            *self._format_flags(),
         ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
@@ -538,6 +577,7 @@ class KafkaBroker(ManagedServer):
             "-XX:+ExplicitGCInvokesConcurrent",
             # A broker out of heap must die and be seen dead, not limp on.
             "-XX:+ExitOnOutOfMemoryError",
+            *self._extra_jvm_flags,
             "-cp",
             classpath,
             "kafka.Kafka",
@@ -549,15 +589,7 @@ class KafkaBroker(ManagedServer):
         ck = _confluent_kafka()
         from confluent_kafka.admin import AdminClient
 
-        # librdkafka logs every refused connection while the JVM boots (at error level,
-        # several per second): keep only critical lines, and send them to our logger
-        # instead of the test's stderr. Failures still surface as exceptions.
-        quiet: dict[str, Any] = {
-            "bootstrap.servers": self.bootstrap,
-            "log_level": 2,
-            "logger": _client_log,
-            "error_cb": lambda err: _log.debug("readiness client: %s", err),
-        }
+        quiet = quiet_client_config(self.bootstrap)
         self._wait_port(deadline)
         admin = AdminClient(quiet)
 
@@ -576,7 +608,9 @@ class KafkaBroker(ManagedServer):
         self.timings["boot"] = time.monotonic() - self._launched_at
         if self.wait_transactions:
             t = time.monotonic()
-            self._wait_transactions(admin, quiet, deadline)
+            wait_transactions(
+                admin, quiet, self._config(), deadline, check=self._check_alive, fail=self._fail
+            )
             self.timings["transactions"] = time.monotonic() - t
 
     def _wait_port(self, deadline: float) -> None:
@@ -588,77 +622,154 @@ class KafkaBroker(ManagedServer):
 
         self._wait_for(listening, deadline, 0.1, f"nothing listens on {self.bootstrap}")
 
-    def _wait_transactions(self, admin: Any, quiet: dict[str, Any], deadline: float) -> None:
-        """Commit a transaction with a record and consumer offsets on every coordinator.
-
-        Right after a first start or a crash, each partition of __transaction_state and
-        __consumer_offsets answers COORDINATOR_LOAD_IN_PROGRESS / NOT_COORDINATOR until
-        it is created and loaded, partition by partition. Clients retry that, but a
-        test's first transaction then takes seconds and short client timeouts fail at
-        random. So: one transactional id and one group id per coordinator partition
-        (picked by Kafka's own hash), each pair committing a record plus offsets, which
-        is everything an EOS v2 commit touches, markers included.
-        """
-        ck = _confluent_kafka()
-        # The documented import; the 2.x stubs re-export it without marking it public.
-        from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
-
-        futures = admin.create_topics([NewTopic(READINESS_TOPIC, 1, 1)], operation_timeout=30)
-        for future in futures.values():
-            try:
-                future.result()
-            except ck.KafkaException as exc:
-                if exc.args[0].code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
-                    self._fail(f"cannot create {READINESS_TOPIC}: {exc}")
-        txn_ids = _one_id_per_partition(READINESS_TXN_ID, self._partitions_of("transaction"))
-        group_ids = _one_id_per_partition(READINESS_TXN_ID, self._partitions_of("offsets"))
-        for i in range(max(len(txn_ids), len(group_ids))):
-            self._probe_transaction(
-                txn_ids[i % len(txn_ids)], group_ids[i % len(group_ids)], quiet, deadline
-            )
-
-    def _probe_transaction(
-        self, txn_id: str, group_id: str, quiet: dict[str, Any], deadline: float
-    ) -> None:
-        ck = _confluent_kafka()
-        last: object = None
-        while time.monotonic() < deadline:
-            self._check_alive()
-            # Bounded per attempt, so a JVM that dies meanwhile is noticed within
-            # seconds rather than at the overall deadline; librdkafka retries
-            # COORDINATOR_LOAD_IN_PROGRESS inside each attempt.
-            remaining = max(1.0, min(5.0, deadline - time.monotonic()))
-            producer = ck.Producer({**quiet, "transactional.id": txn_id})
-            consumer = ck.Consumer({**quiet, "group.id": group_id})
-            try:
-                producer.init_transactions(remaining)
-                producer.begin_transaction()
-                producer.produce(READINESS_TOPIC, b"ready")
-                offsets = [ck.TopicPartition(READINESS_TOPIC, 0, 0)]
-                group = consumer.consumer_group_metadata()
-                producer.send_offsets_to_transaction(offsets, group, remaining)
-                producer.commit_transaction(remaining)
-                return
-            except ck.KafkaException as exc:
-                last = exc  # a fresh producer next round fences this one's transaction
-            finally:
-                consumer.close()
-            time.sleep(0.5)
-        self._fail(f"transactions not ready for {txn_id}/{group_id} ({last})")
-
-    def _partitions_of(self, internal_topic: str) -> int:
-        key = {
-            "transaction": "transaction.state.log.num.partitions",
-            "offsets": "offsets.topic.num.partitions",
-        }[internal_topic]
-        # Kafka's defaults (50) if a caller removed ours; the probe stays correct.
-        return int(self.server_config.get(key, _BASE_CONFIG.get(key, "50")))
-
     def _fail_logs(self) -> str:
         console = tail(self.console_log, 20).strip()
         return tail_section(self.server_log, 40) + (
             f"\n--- {self.console_log} (tail) ---\n{console}" if console else ""
         )
+
+
+def quiet_client_config(bootstrap: str) -> dict[str, Any]:
+    """Config for the controllers' own clients (readiness, health, leader lookups)."""
+    # librdkafka logs every refused connection while a JVM boots or is down (at error
+    # level, several per second): keep only critical lines, and send them to our logger
+    # instead of the test's stderr. Failures still surface as exceptions.
+    return {
+        "bootstrap.servers": bootstrap,
+        "log_level": 2,
+        "logger": _client_log,
+        "error_cb": lambda err: _log.debug("infra client: %s", err),
+    }
+
+
+def wait_transactions(
+    admin: Any,
+    quiet: Mapping[str, Any],
+    config: Mapping[str, str],
+    deadline: float,
+    *,
+    check: Callable[[], None],
+    fail: Callable[[str], NoReturn],
+) -> None:
+    """Commit a transaction with a record and consumer offsets on every coordinator.
+
+    Right after a first start or a crash, each partition of __transaction_state and
+    __consumer_offsets answers COORDINATOR_LOAD_IN_PROGRESS / NOT_COORDINATOR until
+    it is created and loaded, partition by partition. Clients retry that, but a
+    test's first transaction then takes seconds and short client timeouts fail at
+    random. So: one transactional id and one group id per coordinator partition
+    (picked by Kafka's own hash), each pair committing a record plus offsets, which
+    is everything an EOS v2 commit touches, markers included.
+
+    ``config`` is the broker's (for the partition counts); ``check`` raises when a
+    server died, ``fail`` raises the readiness error.
+    """
+    ck = _confluent_kafka()
+    # The documented import; the 2.x stubs re-export it without marking it public.
+    from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
+
+    # The broker's default replication factor: 1 on one broker, all replicas on a
+    # cluster, so the probe's own topic never is the partition that stays unhealthy.
+    futures = admin.create_topics([NewTopic(READINESS_TOPIC, 1)], operation_timeout=30)
+    for future in futures.values():
+        try:
+            future.result()
+        except ck.KafkaException as exc:
+            if exc.args[0].code() != ck.KafkaError.TOPIC_ALREADY_EXISTS:
+                fail(f"cannot create {READINESS_TOPIC}: {exc}")
+    txn_ids = one_id_per_partition(READINESS_TXN_ID, coordinator_partitions(config, "transaction"))
+    group_ids = one_id_per_partition(READINESS_TXN_ID, coordinator_partitions(config, "offsets"))
+    for i in range(max(len(txn_ids), len(group_ids))):
+        _probe_transaction(
+            txn_ids[i % len(txn_ids)],
+            group_ids[i % len(group_ids)],
+            quiet,
+            deadline,
+            check=check,
+            fail=fail,
+        )
+
+
+def _probe_transaction(
+    txn_id: str,
+    group_id: str,
+    quiet: Mapping[str, Any],
+    deadline: float,
+    *,
+    check: Callable[[], None],
+    fail: Callable[[str], NoReturn],
+) -> None:
+    ck = _confluent_kafka()
+    last: object = None
+    while time.monotonic() < deadline:
+        check()
+        # Bounded per attempt, so a JVM that dies meanwhile is noticed within seconds
+        # rather than at the overall deadline; librdkafka retries
+        # COORDINATOR_LOAD_IN_PROGRESS inside each attempt.
+        remaining = max(1.0, min(5.0, deadline - time.monotonic()))
+        producer = ck.Producer({**quiet, "transactional.id": txn_id})
+        consumer = ck.Consumer({**quiet, "group.id": group_id})
+        try:
+            producer.init_transactions(remaining)
+            producer.begin_transaction()
+            producer.produce(READINESS_TOPIC, b"ready")
+            offsets = [ck.TopicPartition(READINESS_TOPIC, 0, 0)]
+            group = consumer.consumer_group_metadata()
+            producer.send_offsets_to_transaction(offsets, group, remaining)
+            producer.commit_transaction(remaining)
+            return
+        except ck.KafkaException as exc:
+            last = exc  # a fresh producer next round fences this one's transaction
+        finally:
+            consumer.close()
+        time.sleep(0.5)
+    fail(f"transactions not ready for {txn_id}/{group_id} ({last})")
+
+
+def coordinator_partitions(config: Mapping[str, str], internal_topic: str) -> int:
+    """Partitions of __transaction_state ("transaction") or __consumer_offsets ("offsets")."""
+    key = {
+        "transaction": "transaction.state.log.num.partitions",
+        "offsets": "offsets.topic.num.partitions",
+    }[internal_topic]
+    # Kafka's default (50) if a caller removed ours; the probe stays correct.
+    return int(config.get(key, "50"))
+
+
+def coordinator_partition(coordinator_id: str, partitions: int) -> int:
+    """The partition of __transaction_state / __consumer_offsets that coordinates a
+    transactional id / group id: ``Utils.abs(id.hashCode()) % partitions`` in Kafka
+    (Utils.abs maps MIN_VALUE to 0)."""
+    h = _java_string_hash(coordinator_id)
+    return (0 if h == -(1 << 31) else abs(h)) % partitions
+
+
+def answers_requests(port: int, timeout: float = 1.0) -> bool:
+    """Whether the broker on ``port`` itself serves requests: an ApiVersions round trip.
+
+    A client library cannot say this of one given broker (its metadata comes from any
+    broker it knows, and may still list a dead incarnation). A KRaft broker binds its
+    port before it has caught up and been unfenced, but reads requests only after, so
+    an answer means this very process is registered and serving.
+    """
+    # ApiVersions v0: size, api_key 18, api_version 0, correlation id, client id.
+    client_id = b"onceflow-infra"
+    body = struct.pack(">hhih", 18, 0, 0x0F1CE, len(client_id)) + client_id
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(struct.pack(">i", len(body)) + body)
+            head = b""
+            while len(head) < 8:
+                chunk = sock.recv(8 - len(head))
+                if not chunk:
+                    return False
+                head += chunk
+    except OSError:  # refused, reset, or timed out (not serving yet, or paused)
+        return False
+    # Any answer with our correlation id counts, even an error (a version it no longer
+    # supports is answered with UNSUPPORTED_VERSION): the broker is reading requests.
+    correlation: int = struct.unpack(">ii", head)[1]
+    return correlation == 0x0F1CE
 
 
 def _java_string_hash(text: str) -> int:
@@ -669,18 +780,13 @@ def _java_string_hash(text: str) -> int:
     return h - (1 << 32) if h >= 1 << 31 else h
 
 
-def _one_id_per_partition(prefix: str, partitions: int) -> list[str]:
-    """Ids ``prefix-N``, one landing on each coordinator partition.
-
-    Kafka maps a transactional id or a group id to its coordinator partition with
-    ``Utils.abs(id.hashCode()) % partitions`` (Utils.abs maps MIN_VALUE to 0).
-    """
+def one_id_per_partition(prefix: str, partitions: int) -> list[str]:
+    """Ids ``prefix-N``, one landing on each coordinator partition (list index)."""
     found: dict[int, str] = {}
     n = 0
     while len(found) < partitions:
         name = f"{prefix}-{n}"
-        h = _java_string_hash(name)
-        found.setdefault((0 if h == -(1 << 31) else abs(h)) % partitions, name)
+        found.setdefault(coordinator_partition(name, partitions), name)
         n += 1
     return [found[p] for p in range(partitions)]
 
