@@ -242,8 +242,7 @@ class App:
             if sinks and hasattr(session, "store"):
                 with session.store.lock:
                     for sink in sinks.values():
-                        if hasattr(sink, "_crash"):
-                            sink._crash = crash
+                        sink.bind(session, crash)
                         if isinstance(sink, EffectSink):
                             sink._store = session.store
                             sink._dead_letter_topic = self.dead_letter_topic
@@ -320,8 +319,7 @@ class App:
     def _open_sinks_on_kafka(self, session: Any, sinks: dict[str, Sink], crash: Any) -> None:
         """Sinks recover per partition on Kafka, when a partition comes to this worker."""
         for sink in sinks.values():
-            if hasattr(sink, "_crash"):
-                sink._crash = crash
+            sink.bind(session, crash)
             if isinstance(sink, EffectSink):
                 sink._dead_letter_topic = self.dead_letter_topic
             sink.open_on_kafka(self.name, session)
