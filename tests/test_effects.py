@@ -4,12 +4,14 @@ what it applies: kills between every step, and each effect applied once by the s
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from onceflow import App, ConfigError, EffectSink, HttpEffectSink, PermanentError
+from onceflow import App, ConfigError, EffectSink, FencedError, HttpEffectSink, PermanentError
+from onceflow._crash import CrashInjector
 from onceflow.testing import Event, send
 
 from .helpers import read_all, run_until_idle
@@ -52,6 +54,54 @@ def test_each_effect_applied_once_through_kills(
     dead = read_all(store, "charges.dead-letters")
     assert sorted(json.loads(d.value)["id"] for d in dead) == ["p24", "p49", "p74", "p99"]
     assert all("HTTP 422" in (d.headers or {})["onceflow-error"] for d in dead)
+
+
+def one_epoch_charges(store: str, url: str) -> App:
+    """Every input in one epoch, so a paused deliverer holds every intent in hand."""
+    app = App("charges", store=store, commit_every=10_000, max_batch=10_000, commit_interval=60)
+    app.source("payments").sink(HttpEffectSink(url, name="charges", retries=2, backoff=0.01))
+    return app
+
+
+def test_a_paused_recorder_is_fenced_and_settles_nothing(
+    server: PaymentServer, tmp_path: Path
+) -> None:
+    """Paused between a call and its journal entry, a recorder resumes after its
+    successor settled every intent: it must be refused (`FencedError`), so that no
+    effect gets a second outcome and no input a second dead letter."""
+    store = str(tmp_path / "fx.db")
+    evs = payments(30)
+    send(store, evs)
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(point: str) -> None:
+        reached.set()
+        release.wait(60)
+
+    zombie = one_epoch_charges(store, server.url)
+    zombie._crash = CrashInjector(None, "raise", pause="effect_called:1", on_pause=hold)
+    outcome: list[BaseException | None] = []
+
+    def run_zombie() -> None:
+        try:
+            zombie.run(until_idle=True)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=run_zombie)
+    t.start()
+    try:
+        assert reached.wait(60)
+        one_epoch_charges(store, server.url).run(until_idle=True)
+    finally:
+        release.set()
+        t.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], FencedError), outcome
+    good = sorted(e.value["id"] for e in evs if e.value["amount"] >= 0)
+    assert sorted(v["id"] for v in server.applied.values()) == good
+    dead = read_all(store, "charges.dead-letters")
+    assert [json.loads(d.value)["id"] for d in dead] == ["p24"]
 
 
 def test_pending_intents_keep_their_key_until_the_call_succeeds(tmp_path: Path) -> None:

@@ -208,6 +208,39 @@ def test_each_effect_applied_once_through_kills_on_kafka(
     assert all("HTTP 422" in (d.headers or {})["onceflow-error"] for d in dead)
 
 
+def test_a_paused_recorder_is_fenced_on_kafka(
+    kstore: str, server: PaymentServer, tmp_path: Path
+) -> None:
+    """A worker stopped (SIGSTOP) between an effect's call and its journal entry, whose
+    partitions moved to another worker that settled every intent, resumes: its settle
+    transaction must be refused by the group generation, and it must say so and stop."""
+    evs = payments(30)
+    send(kstore, "payments", [(e.key, e.value, e.id) for e in evs], 2)
+    env = {"ONCEFLOW_TEST_HTTP": server.url, "ONCEFLOW_STATE_DIR": str(tmp_path / "state")}
+    zombie = Child(
+        CHARGES,
+        store=kstore,
+        until_idle=True,
+        pause_at="effect_called:1",
+        env={**env, "ONCEFLOW_WORKER": "0"},
+        cwd=str(ROOT),
+    )
+    try:
+        assert wait_until(zombie.stopped, 120), zombie.stderr()
+        # The stopped worker's session expires; the successor takes both partitions and
+        # settles every pending intent, the one the zombie holds in hand included.
+        run_until_idle(CHARGES, kstore, env={**env, "ONCEFLOW_WORKER": "1"}, timeout=120)
+        zombie.resume()
+        code = zombie.wait(120)
+    finally:
+        zombie.kill()
+    assert code != 0 and "fenced" in zombie.stderr(), (code, zombie.stderr())
+    good = sorted(e.value["id"] for e in evs if e.value["amount"] >= 0)
+    assert sorted(v["id"] for v in server.applied.values()) == good
+    dead = read_all(kstore, "charges.dead-letters")
+    assert [json.loads(d.value)["id"] for d in dead] == ["p24"]
+
+
 def test_sinks_of_the_embedded_store_are_still_refused_on_kafka(kstore: str) -> None:
     app = App("refuse", store=kstore)
     app.source("in").sink(SQLiteTableSink("t", key=["k"], columns=["k"]))

@@ -244,7 +244,6 @@ class App:
                     for sink in sinks.values():
                         sink.bind(session, crash)
                         if isinstance(sink, EffectSink):
-                            sink._store = session.store
                             sink._dead_letter_topic = self.dead_letter_topic
                         sink.open(self.name, session.store.conn)
                         # A sink that recorded offsets ahead of the store (the store was

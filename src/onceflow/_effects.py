@@ -61,15 +61,14 @@ class EffectSink(Sink):
         self.retries = retries
         self.backoff = backoff
         self._app = ""
+        # Set by the App.
         self._dead_letter_topic = ""
-        self._crash: Callable[[str], None] = lambda point: None
-        # Set by the App: the embedded store (for dead letters) and its dead-letter topic.
-        self._store: Any = None
         self._journal: Journal | None = None
 
     def open(self, app: str, conn: sqlite3.Connection) -> None:
         self._app = app
-        self._journal = SQLiteJournal(conn, app, self.name, self._store, self._dead_letter_topic)
+        store = self._session.store
+        self._journal = SQLiteJournal(self.fenced, app, self.name, store, self._dead_letter_topic)
         self._deliver()
 
     def open_on_kafka(self, app: str, session: Any) -> None:

@@ -117,7 +117,6 @@ class PostgresSink(Sink):
         self._unresolved: list[str] = []
         # Set on Kafka: per-partition fences, and the intents that recovery decides from.
         self._fences: PartitionFences | None = None
-        self._crash: Callable[[str], None] = lambda point: None
 
     # -- connection -----------------------------------------------------------------
 
