@@ -241,6 +241,42 @@ def test_a_paused_recorder_is_fenced_on_kafka(
     assert [json.loads(d.value)["id"] for d in dead] == ["p24"]
 
 
+def test_an_embedded_and_a_kafka_app_of_the_same_names_cannot_share_a_database(
+    kstore: str, postgres_server: Any, tmp_path: Path
+) -> None:
+    """They would resume from each other's offsets in `onceflow_sink_offsets`, and the
+    embedded one's recovery would roll back the Kafka one's prepared transactions: the
+    second to start is refused, whichever backend it is on."""
+    import uuid as _uuid
+
+    from . import pipelines
+
+    names = [f"m{_uuid.uuid4().hex[:8]}" for _ in range(2)]
+    urls = [postgres_server.create_database(n) for n in names]
+    try:
+        for i, url in enumerate(urls):
+            create_inputs(url)
+            embedded = pipelines.ids_to_postgres()
+            embedded.store = str(tmp_path / f"e{i}.db")
+            send(embedded.store, "amounts", amounts(0, 20), 4)
+            on_kafka = pipelines.ids_to_postgres()
+            on_kafka.store = f"{kstore}-{i}"
+            on_kafka.state_dir = str(tmp_path / f"state{i}")
+            send(on_kafka.store, "amounts", amounts(0, 20), 4)
+            first, second = (embedded, on_kafka) if i == 0 else (on_kafka, embedded)
+            for sink in first._sinks().values():
+                sink.url = url  # type: ignore[attr-defined]
+            for sink in second._sinks().values():
+                sink.url = url  # type: ignore[attr-defined]
+            first.run(until_idle=True)
+            with pytest.raises(ConfigError, match="resume from each other's offsets"):
+                second.run(until_idle=True)
+            assert sorted(pg_inputs(url)[0]) == sorted(f"e{i}" for i in range(20))
+    finally:
+        for n in names:
+            postgres_server.drop_database(n)
+
+
 def test_sinks_of_the_embedded_store_are_still_refused_on_kafka(kstore: str) -> None:
     app = App("refuse", store=kstore)
     app.source("in").sink(SQLiteTableSink("t", key=["k"], columns=["k"]))

@@ -55,9 +55,15 @@ TP = tuple[str, int]
 Committed = Callable[[set[TP]], dict[TP, int]]
 
 # Epochs and fences are fencing tokens: a run with restarts (or, on Kafka, rebalances)
-# has higher ones, by design. Intents are checked by `check_intents`.
+# has higher ones, by design. Owners only name the backend. Intents are checked by
+# `check_intents`.
 _INTENTS_TABLE = "onceflow_sink_intents"
-_NOT_COMPARED = {"onceflow_sink_epochs", "onceflow_sink_fences", _INTENTS_TABLE}
+_NOT_COMPARED = {
+    "onceflow_sink_epochs",
+    "onceflow_sink_fences",
+    "onceflow_sink_owners",
+    _INTENTS_TABLE,
+}
 _OFFSETS_TABLE = "onceflow_sink_offsets"
 # How many rows of each kind a failing table comparison shows.
 _SAMPLE = 3

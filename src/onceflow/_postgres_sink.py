@@ -4,11 +4,17 @@ Per epoch, before the store's transaction opens:
   1. in one PostgreSQL transaction: check and raise the sink's fencing epoch (a write
      from an older epoch is refused inside PostgreSQL, so a zombie cannot write), write
      the rows, record the next input offset per partition;
-  2. PREPARE TRANSACTION with a global id naming the app, the sink and the epoch.
+  2. PREPARE TRANSACTION with a global id naming the app, the sink and the epoch
+     (`gid_prefix`: digests of the names, so that no two apps' or sinks' ids share a
+     prefix, and recovery matches them exactly, never with LIKE).
 Then the store commits the epoch, recording that id (the coordinator's record), and
 after the commit the sink runs COMMIT PREPARED. On start, every prepared transaction of
 this app and sink is resolved from the store's record: committed if the store committed
 its epoch, rolled back otherwise. No prepared transaction of the app is left behind.
+
+One app and sink name belong to one backend in a database (`onceflow_sink_owners`): an
+embedded App and a Kafka App of the same names would resume from each other's offsets
+and settle each other's prepared transactions, so the second one is refused.
 
 On the Kafka backend the fence is per input partition and the coordinator's record is
 the Kafka transaction's consumer offsets; see `_sink_fences.py`.
@@ -16,6 +22,8 @@ the Kafka transaction's consumer offsets; see `_sink_fences.py`.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import re
 import sqlite3
@@ -29,7 +37,11 @@ from ._sink_fences import SCHEMA as FENCE_SCHEMA
 from ._sink_fences import PartitionFences
 from ._sinks import Row, Sink, check_identifier
 
+log = logging.getLogger("onceflow")
+
 _GID_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+# PostgreSQL's limit on a prepared transaction's id, terminating zero included.
+_GID_MAX = 199
 # Set by `onceflow chaos` in its children: every sink writes to chaos's scratch database,
 # whatever URL the pipeline names, so that a chaos run never writes into a real database.
 CHAOS_URL_ENV = "ONCEFLOW_CHAOS_POSTGRES_URL"
@@ -40,7 +52,29 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS onceflow_sink_offsets("
     " app text NOT NULL, sink text NOT NULL, topic text NOT NULL, part integer NOT NULL,"
     " next_offset bigint NOT NULL, PRIMARY KEY(app, sink, topic, part))",
+    "CREATE TABLE IF NOT EXISTS onceflow_sink_owners("
+    " app text NOT NULL, sink text NOT NULL, backend text NOT NULL, PRIMARY KEY(app, sink))",
 )
+# Which rows each backend writes for a sink, to recognise the owner of a sink whose
+# bookkeeping predates `onceflow_sink_owners`.
+_OWN_ROWS = {"embedded": "onceflow_sink_epochs", "kafka": "onceflow_sink_fences"}
+
+
+def _digest(name: str) -> str:
+    # 80 bits: names are chosen by people, not by an adversary.
+    return hashlib.sha256(name.encode()).hexdigest()[:20]
+
+
+def app_gid_prefix(app: str) -> str:
+    """Every prepared-transaction id of `app`'s sinks starts with this, no other app's."""
+    return f"onceflow.{_digest(app)}."
+
+
+def gid_prefix(app: str, sink: str, backend: str) -> str:
+    """The ids of one sink: injective in (app, sink, backend), whatever characters the
+    names hold, unlike the names themselves made safe (`a.b`+`c` and `a`+`b.c`, or
+    `x y` and `x/y`, would share one)."""
+    return f"{app_gid_prefix(app)}{backend[0]}.{_digest(sink)}."
 
 
 # The advisory lock key under which sinks create their bookkeeping tables.
@@ -110,6 +144,7 @@ class PostgresSink(Sink):
                 raise ConfigError(f"PostgresSink({table!r}): key columns {missing} not in columns")
         self.name = name or f"postgres-{table or getattr(fn, '__name__', 'fn')}"
         self._app = ""
+        self._backend = "embedded"
         self._conn: Any = None
         self._gid: str | None = None
         # Prepared ids whose rollback failed (the connection broke): they hold row locks
@@ -140,6 +175,7 @@ class PostgresSink(Sink):
 
     def open(self, app: str, conn: sqlite3.Connection) -> None:
         self._app = app
+        self._backend = "embedded"
         pg = self._ensure()
         self._check_server(pg)
         conn.execute(
@@ -161,10 +197,11 @@ class PostgresSink(Sink):
     def open_on_kafka(self, app: str, session: Any) -> None:
         """Kafka: nothing is resolved here; each partition is, when this worker gets it."""
         self._app = app
+        self._backend = "kafka"
         self._gid = None
         self._fences = PartitionFences(app, self.name, session.committed_of)
         pg = self._ensure()
-        self._check_server(pg, FENCE_SCHEMA)
+        self._check_server(pg)
         if self.table is not None:
             self._check_table(pg)
 
@@ -176,7 +213,7 @@ class PostgresSink(Sink):
         if self._fences is not None:
             self._fences.release(parts)
 
-    def _check_server(self, pg: Any, extra: Sequence[str] = ()) -> None:
+    def _check_server(self, pg: Any) -> None:
         (maxp,) = pg.execute("SHOW max_prepared_transactions").fetchone()
         if int(maxp) <= 0:
             raise ConfigError(
@@ -189,8 +226,35 @@ class PostgresSink(Sink):
         # transaction-scoped advisory lock makes them take turns.
         with pg.transaction():
             pg.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            for stmt in (*SCHEMA, *extra):
+            for stmt in (*SCHEMA, *FENCE_SCHEMA):
                 pg.execute(stmt)
+            self._claim(pg)
+
+    def _claim(self, pg: Any) -> None:
+        """Under the schema lock: this app and sink name belong to this backend here."""
+        key = (self._app, self.name)
+        row = pg.execute(
+            "SELECT backend FROM onceflow_sink_owners WHERE app = %s AND sink = %s", key
+        ).fetchone()
+        owner = None if row is None else row[0]
+        if owner is None:
+            for backend, table in _OWN_ROWS.items():
+                if pg.execute(
+                    f"SELECT 1 FROM {table} WHERE app = %s AND sink = %s LIMIT 1", key
+                ).fetchone():
+                    owner = backend
+            pg.execute(
+                "INSERT INTO onceflow_sink_owners(app, sink, backend) VALUES (%s, %s, %s)",
+                (*key, owner or self._backend),
+            )
+        if owner is not None and owner != self._backend:
+            raise ConfigError(
+                f"PostgresSink '{self.name}' of app '{self._app}': this database holds the "
+                f"bookkeeping of a sink of these names of an App on {owner}, and this App "
+                f"runs on {self._backend}; the two would resume from each other's offsets and "
+                "settle each other's prepared transactions. Operator action: give one of "
+                "them another app name or sink name (name=...), or another database"
+            )
 
     def _check_table(self, pg: Any) -> None:
         assert self.table is not None
@@ -215,23 +279,52 @@ class PostgresSink(Sink):
             )
 
     def _prefix(self) -> str:
+        return gid_prefix(self._app, self.name, self._backend)
+
+    def _new_gid(self, fence: int) -> str:
+        head = f"{self._prefix()}{fence}.{uuid.uuid4().hex[:12]}."
+        # The names, for a person reading pg_prepared_xacts; the digests decide.
+        return head + _GID_SAFE.sub("_", f"{self._app}.{self.name}")[: _GID_MAX - len(head)]
+
+    def _legacy_prefix(self) -> str | None:
+        """The prefix ids had before they were digests, where it named only this sink
+        (names without dots or characters it replaced): for an id left in doubt across
+        an upgrade."""
+        if any("." in n or _GID_SAFE.search(n) for n in (self._app, self.name)):
+            return None
+        return self._ambiguous_legacy_prefix()
+
+    def _ambiguous_legacy_prefix(self) -> str:
         return f"onceflow.{_GID_SAFE.sub('_', self._app)}.{_GID_SAFE.sub('_', self.name)}."
 
     def recover(self, conn: sqlite3.Connection) -> None:
-        """Settle prepared transactions of this sink from the store's record."""
+        """Settle prepared transactions of this sink from the store's record: the one it
+        recorded is committed, every other one of this sink rolled back. Ids are matched
+        by their exact prefix: a pattern would match other apps' ids too."""
         row = conn.execute(
             "SELECT gid FROM sink_txns WHERE app=? AND sink=?", (self._app, self.name)
         ).fetchone()
         committed_gid = None if row is None else row[0]
         pg = self._ensure()
+        prefix, legacy = self._prefix(), self._legacy_prefix()
         for (gid,) in pg.execute(
-            "SELECT gid FROM pg_prepared_xacts WHERE gid LIKE %s AND database = current_database()",
-            (self._prefix() + "%",),
+            "SELECT gid FROM pg_prepared_xacts WHERE database = current_database()"
         ).fetchall():
             if gid == committed_gid:
                 pg.execute(f"COMMIT PREPARED '{gid}'")
-            else:
+            elif gid.startswith(prefix) or (
+                legacy is not None and re.fullmatch(re.escape(legacy) + r"\d+\.[0-9a-f]{12}", gid)
+            ):
                 pg.execute(f"ROLLBACK PREPARED '{gid}'")
+            elif legacy is None and gid.startswith(self._ambiguous_legacy_prefix()):
+                log.warning(
+                    "sink %s: prepared transaction %s may be this sink's, from before "
+                    "onceflow named them unambiguously, or another app's. Operator action: "
+                    "COMMIT PREPARED it if the store of the app that wrote it records it "
+                    "(table sink_txns), else ROLLBACK PREPARED it",
+                    self.name,
+                    gid,
+                )
 
     def committed_positions(self) -> dict[tuple[str, int], int]:
         """The next offsets PostgreSQL recorded: where to resume if they are ahead."""
@@ -270,7 +363,7 @@ class PostgresSink(Sink):
     ) -> None:
         pg = self._ensure()
         self._resolve_unresolved(pg)
-        gid = f"{self._prefix()}{fence}.{uuid.uuid4().hex[:12]}"
+        gid = self._new_gid(fence)
         if self._fences is not None:
             self._fences.record_intent(pg, gid, positions)
         pg.execute("BEGIN")
