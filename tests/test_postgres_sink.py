@@ -3,17 +3,20 @@ crashing at every step (between PREPARE and COMMIT PREPARED included)."""
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from onceflow import App, ConfigError, FencedError, PostgresSink, StoreError
+from onceflow import App, ConfigError, FencedError, PostgresSink, UnavailableError
 from onceflow._crash import CRASH_POINTS, CrashInjector, SimulatedCrash
+from onceflow._supervisor import wait_until
 from onceflow.testing import Crash, Event, run_with_crashes, send
 
 from . import pipelines
@@ -197,6 +200,53 @@ def test_recovery_settles_only_its_own_prepared_transactions(
     assert prepared(postgres_url) == []
 
 
+def test_an_app_rides_out_a_postgresql_crash_and_restart(
+    postgres_server: Any, postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL is SIGKILLed mid-run while inputs keep coming, and started again: the
+    App says so once, waits, and goes on by itself, each input in PostgreSQL once."""
+    caplog.set_level(logging.WARNING, logger="onceflow")
+    create_tables(postgres_url)
+    store = str(tmp_path / "s.db")
+    evs = [e for e in events(80, seed=7) if isinstance(e, Event)]
+    app = pipelines.to_postgres()
+    app.store = store
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            app.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        send(store, evs[:40])
+        assert wait_until(lambda: len(tables(postgres_url)[0]) == 40, 60), errors
+        postgres_server.kill()
+        send(store, evs[40:])
+        assert wait_until(lambda: "is unreachable" in caplog.text, 60), errors
+    finally:
+        postgres_server.start()
+    try:
+        done = wait_until(
+            lambda: len(tables(postgres_url)[0]) == 80 and not tables(postgres_url)[2], 120
+        )
+        assert done and not errors, errors
+    finally:
+        app.stop()
+        t.join(60)
+    assert not errors and not t.is_alive()
+    ledger, seen, prepared = tables(postgres_url)
+    values = [e.value for e in evs]
+    assert sorted((a, n) for _, a, n in ledger) == sorted((v["k"], v["n"]) for v in values)
+    assert dict(seen) == {v["k"]: v["n"] for v in values}  # the last value per key
+    assert prepared == []
+    assert caplog.text.count("is unreachable") == 1  # said once, however long it lasted
+    assert "reachable again" in caplog.text
+
+
 def test_clear_errors(postgres_url: str, tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
     with pytest.raises(ConfigError, match="does not exist"):
@@ -210,7 +260,7 @@ def test_clear_errors(postgres_url: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="either table="):
         PostgresSink(postgres_url)
     bad = "postgresql://someone:s3cret-password@127.0.0.1:1/db"
-    with pytest.raises(StoreError) as err:
+    with pytest.raises(UnavailableError) as err:
         PostgresSink(bad, table="t", key=["a"], columns=["a"]).open("app", conn)
     assert "s3cret-password" not in str(err.value) and "***" in str(err.value)
 

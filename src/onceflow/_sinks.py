@@ -49,12 +49,18 @@ class Sink:
     # the fault injector of the protocol steps.
     _session: Any = None
     _crash: Callable[[str], None] = staticmethod(lambda point: None)
+    # Whether the App is stopping: a sink waiting out an outage gives up then. None
+    # when no App runs the sink, which then raises an outage at once.
+    _stopping: Callable[[], bool] | None = None
 
-    def bind(self, session: Any, crash: Callable[[str], None]) -> None:
+    def bind(
+        self, session: Any, crash: Callable[[str], None], stopping: Callable[[], bool]
+    ) -> None:
         """Called by the App before `open`/`open_on_kafka`: the session this process
-        holds its partitions through, and the fault injector."""
+        holds its partitions through, the fault injector, and whether it is stopping."""
         self._session = session
         self._crash = crash
+        self._stopping = stopping
 
     @contextlib.contextmanager
     def fenced(self, what: str) -> Iterator[sqlite3.Connection]:
