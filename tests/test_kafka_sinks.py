@@ -277,6 +277,32 @@ def test_an_embedded_and_a_kafka_app_of_the_same_names_cannot_share_a_database(
             postgres_server.drop_database(n)
 
 
+def test_status_shows_pending_intents_on_kafka(
+    kstore: str, server: PaymentServer, tmp_path: Path
+) -> None:
+    """The journal's state per effect sink, read from the changelog: all pending while
+    the API is down, then applied once it is back."""
+    from onceflow._kafka_status import status as kafka_status
+
+    from .test_effects import one_epoch_charges
+
+    evs = payments(30)
+    send(kstore, "payments", [(e.key, e.value, e.id) for e in evs], 2)
+
+    def run() -> Any:
+        app = one_epoch_charges(kstore, server.url)
+        app.state_dir = str(tmp_path / "state")
+        app.run(until_idle=True)
+        (shown,) = kafka_status(kstore, "charges").apps
+        return [(e.name, e.pending, e.done, e.dead, e.complete) for e in shown.effects]
+
+    server.down = True
+    assert run() == [("charges", 30, 0, 0, True)]
+    server.down = False
+    assert run() == [("charges", 0, 29, 1, True)]
+    assert len(server.applied) == 29
+
+
 def test_sinks_of_the_embedded_store_are_still_refused_on_kafka(kstore: str) -> None:
     app = App("refuse", store=kstore)
     app.source("in").sink(SQLiteTableSink("t", key=["k"], columns=["k"]))

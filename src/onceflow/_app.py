@@ -410,6 +410,12 @@ class App:
                 for s in self._steps
                 if s.kind == "dedupe"
             },
+            # Where `onceflow status` finds each effect sink's journal on Kafka.
+            "effect_sinks": {
+                name: min(topics)
+                for name, topics in self._partitioned_steps().items()
+                if isinstance(self._sinks().get(name), EffectSink)
+            },
         }
 
     def _topics(self) -> dict[str, int]:
