@@ -303,6 +303,58 @@ def test_status_shows_pending_intents_on_kafka(
     assert len(server.applied) == 29
 
 
+def test_a_worker_rides_out_a_postgresql_crash_and_restart_on_kafka(
+    kstore: str,
+    postgres_server: Any,
+    postgres_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL SIGKILLed under a Kafka worker while inputs keep coming, then started
+    again: the worker waits and goes on by itself, each input once in PostgreSQL."""
+    import logging
+    import threading
+
+    caplog.set_level(logging.WARNING, logger="onceflow")
+    from . import pipelines
+
+    create_inputs(postgres_url)
+    app = pipelines.ids_to_postgres()
+    app.store = kstore
+    app.state_dir = str(tmp_path / "state")
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            app.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        send(kstore, "amounts", amounts(0, 40), 4)
+        assert wait_until(lambda: len(pg_inputs(postgres_url)[0]) == 40, 120), errors
+        postgres_server.kill()
+        send(kstore, "amounts", amounts(40, 40), 4)
+        # The worker has read the new inputs and cannot prepare them.
+        assert wait_until(lambda: "is unreachable" in caplog.text, 120), errors
+    finally:
+        postgres_server.start()
+    try:
+        done = wait_until(
+            lambda: len(pg_inputs(postgres_url)[0]) == 80 and not pg_inputs(postgres_url)[1],
+            120,
+        )
+        assert done and not errors, errors
+    finally:
+        app.stop()
+        t.join(60)
+    assert not errors and not t.is_alive(), errors
+    ids, prepared = pg_inputs(postgres_url)
+    assert sorted(ids) == sorted(f"e{i}" for i in range(80)) and prepared == []
+
+
 def test_sinks_of_the_embedded_store_are_still_refused_on_kafka(kstore: str) -> None:
     app = App("refuse", store=kstore)
     app.source("in").sink(SQLiteTableSink("t", key=["k"], columns=["k"]))
