@@ -34,7 +34,6 @@ The audit, after the drain, on either backend:
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -144,16 +143,12 @@ def preflight(app: App, url: str) -> None:
     """Open every sink once against `url`, so that a missing table or
     `max_prepared_transactions = 0` fails now, with the sink's own error, not as a
     child that dies after every restart."""
-    store = sqlite3.connect(":memory:")
-    try:
-        for sink in postgres_sinks(app):
-            _point(sink, url)
-            try:
-                sink.open(app.name, store)
-            finally:
-                sink.close()
-    finally:
-        store.close()
+    for sink in postgres_sinks(app):
+        _point(sink, url)
+        try:
+            sink.check(app.name)
+        finally:
+            sink.close()
 
 
 def _point(sink: PostgresSink, url: str) -> None:

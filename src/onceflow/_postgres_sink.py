@@ -291,7 +291,20 @@ class PostgresSink(Sink):
         if self._fences is not None:
             self._fences.release(parts)
 
-    def _check_server(self, pg: Any) -> None:
+    def check(self, app: str) -> None:
+        """What `open` checks first (the server, the table), and nothing else: no claim,
+        no recovery. For a tool that checks a pipeline before running it on either
+        backend."""
+        self._app = app
+
+        def checks(pg: Any) -> None:
+            self._check_server(pg, claim=False)
+            if self.table is not None:
+                self._check_table(pg)
+
+        self._reachable(checks)
+
+    def _check_server(self, pg: Any, *, claim: bool = True) -> None:
         (maxp,) = pg.execute("SHOW max_prepared_transactions").fetchone()
         if int(maxp) <= 0:
             raise ConfigError(
@@ -306,7 +319,8 @@ class PostgresSink(Sink):
             pg.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
             for stmt in (*SCHEMA, *FENCE_SCHEMA):
                 pg.execute(stmt)
-            self._claim(pg)
+            if claim:
+                self._claim(pg)
 
     def _claim(self, pg: Any) -> None:
         """Under the schema lock: this app and sink name belong to this backend here."""
