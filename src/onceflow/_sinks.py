@@ -231,7 +231,7 @@ class FileSink(Sink):
             # (a crash, or a zombie's write of a pending epoch, rewritten below).
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
             try:
-                if os.fstat(fd).st_size != pos:
+                if os.fstat(fd).st_size > pos:
                     os.ftruncate(fd, pos)
                     os.fsync(fd)
             finally:
@@ -259,17 +259,23 @@ class FileSink(Sink):
         """Deliver every committed, undelivered epoch in order, at its recorded position."""
         s = self._session
         with s.store.lock:
-            # Not relied upon (the record below is fenced): it spares a zombie the
-            # pointless rewrite of epochs its successor delivers.
-            s.check_fence(s.conn)
-            (flushed, pos) = s.conn.execute(
-                "SELECT flushed_seq, position FROM sink_progress WHERE app=? AND sink=?",
-                (self._app, self.name),
-            ).fetchone()
-            pending = s.conn.execute(
-                "SELECT seq, data FROM outbox WHERE app=? AND sink=? ORDER BY seq",
-                (self._app, self.name),
-            ).fetchall()
+            # One snapshot: a position read before a successor's delivery and epochs
+            # read after it would put an epoch's bytes at another one's offset.
+            s.conn.execute("BEGIN")
+            try:
+                # Not relied upon (the record below is fenced): it spares a zombie the
+                # pointless rewrite of epochs its successor delivers.
+                s.check_fence(s.conn)
+                (flushed, pos) = s.conn.execute(
+                    "SELECT flushed_seq, position FROM sink_progress WHERE app=? AND sink=?",
+                    (self._app, self.name),
+                ).fetchone()
+                pending = s.conn.execute(
+                    "SELECT seq, data FROM outbox WHERE app=? AND sink=? ORDER BY seq",
+                    (self._app, self.name),
+                ).fetchall()
+            finally:
+                s.conn.execute("COMMIT")
         for seq, data in pending:
             self._write_at(pos, data)
             self._crash("sink_delivered")
