@@ -16,6 +16,8 @@ class PaymentServer:
         self.applied: dict[str, Any] = {}
         self.calls = 0
         self.flaky: set[str] = set()
+        # While set, every call is answered 503: the API is down.
+        self.down = False
         self.lock = threading.Lock()
         outer = self
 
@@ -28,6 +30,9 @@ class PaymentServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with outer.lock:
                     outer.calls += 1
+                    if outer.down:
+                        self._reply(503, {"error": "down for maintenance"})
+                        return
                     if body.get("amount", 0) < 0:
                         self._reply(422, {"error": "negative amount"})
                         return

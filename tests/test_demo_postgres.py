@@ -22,6 +22,7 @@ from onceflow._chaos_postgres import with_dbname
 from onceflow._demo import STORE_FILE, demo_command, run_audit, run_demo
 from onceflow._demo_postgres import DB_PREFIX
 from onceflow._errors import ConfigError
+from onceflow._postgres_sink import app_gid_prefix
 
 pytestmark = pytest.mark.postgres
 
@@ -140,7 +141,7 @@ def test_audit_fails_on_a_prepared_transaction_left_behind(demo_run: Run, db_cop
         db_copy,
         "BEGIN",
         "UPDATE balances SET total = total WHERE account = (SELECT MIN(account) FROM balances)",
-        "PREPARE TRANSACTION 'onceflow.payments.demo-ledger.999.left'",
+        f"PREPARE TRANSACTION '{app_gid_prefix('payments')}e.0.999.left'",
     )
     assert failed(demo_run, db_copy) == {PREPARED}
 

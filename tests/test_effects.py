@@ -4,12 +4,20 @@ what it applies: kills between every step, and each effect applied once by the s
 from __future__ import annotations
 
 import json
+import logging
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
-from onceflow import App, ConfigError, EffectSink, HttpEffectSink, PermanentError
+from onceflow import App, ConfigError, EffectSink, FencedError, HttpEffectSink, PermanentError
+from onceflow._cli import cli
+from onceflow._crash import CrashInjector
+from onceflow._sqlite import SQLiteStore
+from onceflow._status import status
+from onceflow._supervisor import wait_until
 from onceflow.testing import Event, send
 
 from .helpers import read_all, run_until_idle
@@ -52,6 +60,121 @@ def test_each_effect_applied_once_through_kills(
     dead = read_all(store, "charges.dead-letters")
     assert sorted(json.loads(d.value)["id"] for d in dead) == ["p24", "p49", "p74", "p99"]
     assert all("HTTP 422" in (d.headers or {})["onceflow-error"] for d in dead)
+
+
+def one_epoch_charges(store: str, url: str) -> App:
+    """Every input in one epoch, so a paused deliverer holds every intent in hand."""
+    app = App("charges", store=store, commit_every=10_000, max_batch=10_000, commit_interval=60)
+    app.source("payments").sink(HttpEffectSink(url, name="charges", retries=2, backoff=0.01))
+    return app
+
+
+def test_a_paused_recorder_is_fenced_and_settles_nothing(
+    server: PaymentServer, tmp_path: Path
+) -> None:
+    """Paused between a call and its journal entry, a recorder resumes after its
+    successor settled every intent: it must be refused (`FencedError`), so that no
+    effect gets a second outcome and no input a second dead letter."""
+    store = str(tmp_path / "fx.db")
+    evs = payments(30)
+    send(store, evs)
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(point: str) -> None:
+        reached.set()
+        release.wait(60)
+
+    zombie = one_epoch_charges(store, server.url)
+    zombie._crash = CrashInjector(None, "raise", pause="effect_called:1", on_pause=hold)
+    outcome: list[BaseException | None] = []
+
+    def run_zombie() -> None:
+        try:
+            zombie.run(until_idle=True)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=run_zombie)
+    t.start()
+    try:
+        assert reached.wait(60)
+        one_epoch_charges(store, server.url).run(until_idle=True)
+    finally:
+        release.set()
+        t.join(60)
+    assert len(outcome) == 1 and isinstance(outcome[0], FencedError), outcome
+    good = sorted(e.value["id"] for e in evs if e.value["amount"] >= 0)
+    assert sorted(v["id"] for v in server.applied.values()) == good
+    dead = read_all(store, "charges.dead-letters")
+    assert [json.loads(d.value)["id"] for d in dead] == ["p24"]
+
+
+def effects_of(store: str) -> Any:
+    st = SQLiteStore(store)
+    try:
+        (app,) = status(st, "charges")
+    finally:
+        st.close()
+    return app
+
+
+def test_pending_intents_are_retried_while_the_app_is_idle(
+    server: PaymentServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The API is down when the inputs come: the App commits them, then sits idle with
+    every intent pending, retrying with backoff (and `status` shows them pending and
+    failing), until the API is back; then each effect is applied once."""
+    caplog.set_level(logging.WARNING, logger="onceflow")
+    store = str(tmp_path / "fx.db")
+    evs = payments(30)
+    server.down = True
+    send(store, evs)
+    app = App("charges", store=store, commit_interval=0.05)
+    sink = HttpEffectSink(server.url, name="charges", retries=0, backoff=0.01, max_backoff=0.2)
+    app.source("payments").sink(sink)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            app.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+
+        def idle_with_all_pending() -> bool:
+            if not app.stats.commits and not errors:
+                return False  # not even registered in the store yet
+            st = effects_of(store)
+            return st.lag == 0 and [(e.pending, e.failing > 0) for e in st.effects] == [(30, True)]
+
+        assert wait_until(idle_with_all_pending, 60), errors
+        (shown,) = effects_of(store).effects
+        assert shown.name == "charges" and "HTTP Error 503" in (shown.last_error or "")
+        printed = CliRunner().invoke(cli, ["--store", store, "status"], env={"COLUMNS": "200"})
+        assert printed.exit_code == 0, printed.output
+        assert "effect sink" in printed.output and "HTTP Error 503" in printed.output
+        calls = server.calls
+        # No new input: the retries alone call the API again.
+        assert wait_until(lambda: server.calls >= calls + 3, 60), errors
+        server.down = False
+        good = sorted(e.value["id"] for e in evs if e.value["amount"] >= 0)
+        assert wait_until(lambda: len(server.applied) == len(good), 60), errors
+        assert wait_until(lambda: effects_of(store).effects[0].pending == 0, 60), errors
+    finally:
+        app.stop()
+        t.join(60)
+    assert not errors and not t.is_alive(), errors
+    assert sorted(v["id"] for v in server.applied.values()) == good
+    (done,) = effects_of(store).effects
+    assert (done.pending, done.failing, done.done, done.dead) == (0, 0, len(good), 1)
+    dead = read_all(store, "charges.dead-letters")
+    assert [json.loads(d.value)["id"] for d in dead] == ["p24"]
+    assert caplog.text.count("calls fail") == 1  # said once, however many retries
+    assert "calls succeed again" in caplog.text
 
 
 def test_pending_intents_keep_their_key_until_the_call_succeeds(tmp_path: Path) -> None:

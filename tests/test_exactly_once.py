@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from onceflow import App, FencedError, Hooks, Producer
+from onceflow._crash import CrashInjector
 from onceflow._supervisor import Child
 from onceflow.testing import (
     CRASH_POINTS,
@@ -145,6 +146,63 @@ def test_file_sink_never_shows_a_partial_or_doubled_line(tmp_path: Path) -> None
     assert lines[-1] == b""
     totals = [json.loads(x) for x in lines[:-1]]
     assert sorted(totals) == sorted(json.loads(r.value) for r in read_all(store, "totals"))
+
+
+@pytest.mark.parametrize("point", ["sink_flush", "sink_delivered"])
+def test_a_paused_file_deliverer_neither_records_nor_cuts_committed_lines(
+    point: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A FileSink deliverer paused half-way through its write (`sink_flush`) or after
+    its fsync (`sink_delivered`) resumes after a successor delivered past it. It must
+    notice it was fenced, record no position, and leave every committed line in place,
+    also for the incarnation after the successor."""
+    store = str(tmp_path / "f.db")
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setenv("ONCEFLOW_TEST_FILE", str(out))
+    events = [e for e in amount_events(90, seed=11) if isinstance(e, Event)]
+    send(store, events[:60])
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(point: str) -> None:
+        reached.set()
+        release.wait(60)
+
+    zombie = pipelines.with_sinks()
+    zombie.store = store
+    zombie._crash = CrashInjector(None, "raise", pause=f"{point}:1", on_pause=hold)
+    outcome: list[BaseException | None] = []
+
+    def run_zombie() -> None:
+        try:
+            zombie.run(until_idle=True)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=run_zombie)
+    t.start()
+    try:
+        assert reached.wait(60)
+        successor = pipelines.with_sinks()
+        successor.store = store
+        successor.run(until_idle=True)
+    finally:
+        release.set()
+        t.join(60)
+    # Fenced at the delivery it was paused in: its first commit never returned.
+    assert len(outcome) == 1 and isinstance(outcome[0], FencedError), outcome
+    assert zombie.stats.commits == 0
+    # The next incarnation appends at the recorded position: nothing cut, nothing doubled.
+    send(store, events[60:])
+    after = pipelines.with_sinks()
+    after.store = store
+    after.run(until_idle=True)
+    data = out.read_bytes()
+    assert data.endswith(b"\n")
+    lines = [json.loads(x) for x in data.split(b"\n")[:-1]]
+    committed = [json.loads(r.value) for r in read_all(store, "totals")]
+    assert sorted(lines) == sorted(committed)
+    assert len(committed) == len(events)
 
 
 class _Pause(Hooks):

@@ -208,6 +208,153 @@ def test_each_effect_applied_once_through_kills_on_kafka(
     assert all("HTTP 422" in (d.headers or {})["onceflow-error"] for d in dead)
 
 
+def test_a_paused_recorder_is_fenced_on_kafka(
+    kstore: str, server: PaymentServer, tmp_path: Path
+) -> None:
+    """A worker stopped (SIGSTOP) between an effect's call and its journal entry, whose
+    partitions moved to another worker that settled every intent, resumes: its settle
+    transaction must be refused by the group generation, and it must say so and stop."""
+    evs = payments(30)
+    send(kstore, "payments", [(e.key, e.value, e.id) for e in evs], 2)
+    env = {"ONCEFLOW_TEST_HTTP": server.url, "ONCEFLOW_STATE_DIR": str(tmp_path / "state")}
+    zombie = Child(
+        CHARGES,
+        store=kstore,
+        until_idle=True,
+        pause_at="effect_called:1",
+        env={**env, "ONCEFLOW_WORKER": "0"},
+        cwd=str(ROOT),
+    )
+    try:
+        assert wait_until(zombie.stopped, 120), zombie.stderr()
+        # The stopped worker's session expires; the successor takes both partitions and
+        # settles every pending intent, the one the zombie holds in hand included.
+        run_until_idle(CHARGES, kstore, env={**env, "ONCEFLOW_WORKER": "1"}, timeout=120)
+        zombie.resume()
+        code = zombie.wait(120)
+    finally:
+        zombie.kill()
+    assert code != 0 and "fenced" in zombie.stderr(), (code, zombie.stderr())
+    good = sorted(e.value["id"] for e in evs if e.value["amount"] >= 0)
+    assert sorted(v["id"] for v in server.applied.values()) == good
+    dead = read_all(kstore, "charges.dead-letters")
+    assert [json.loads(d.value)["id"] for d in dead] == ["p24"]
+
+
+def test_an_embedded_and_a_kafka_app_of_the_same_names_cannot_share_a_database(
+    kstore: str, postgres_server: Any, tmp_path: Path
+) -> None:
+    """They would resume from each other's offsets in `onceflow_sink_offsets`, and the
+    embedded one's recovery would roll back the Kafka one's prepared transactions: the
+    second to start is refused, whichever backend it is on."""
+    import uuid as _uuid
+
+    from . import pipelines
+
+    names = [f"m{_uuid.uuid4().hex[:8]}" for _ in range(2)]
+    urls = [postgres_server.create_database(n) for n in names]
+    try:
+        for i, url in enumerate(urls):
+            create_inputs(url)
+            embedded = pipelines.ids_to_postgres()
+            embedded.store = str(tmp_path / f"e{i}.db")
+            send(embedded.store, "amounts", amounts(0, 20), 4)
+            on_kafka = pipelines.ids_to_postgres()
+            on_kafka.store = f"{kstore}-{i}"
+            on_kafka.state_dir = str(tmp_path / f"state{i}")
+            send(on_kafka.store, "amounts", amounts(0, 20), 4)
+            first, second = (embedded, on_kafka) if i == 0 else (on_kafka, embedded)
+            for sink in first._sinks().values():
+                sink.url = url  # type: ignore[attr-defined]
+            for sink in second._sinks().values():
+                sink.url = url  # type: ignore[attr-defined]
+            first.run(until_idle=True)
+            with pytest.raises(ConfigError, match="resume from each other's offsets"):
+                second.run(until_idle=True)
+            assert sorted(pg_inputs(url)[0]) == sorted(f"e{i}" for i in range(20))
+    finally:
+        for n in names:
+            postgres_server.drop_database(n)
+
+
+def test_status_shows_pending_intents_on_kafka(
+    kstore: str, server: PaymentServer, tmp_path: Path
+) -> None:
+    """The journal's state per effect sink, read from the changelog: all pending while
+    the API is down, then applied once it is back."""
+    from onceflow._kafka_status import status as kafka_status
+
+    from .test_effects import one_epoch_charges
+
+    evs = payments(30)
+    send(kstore, "payments", [(e.key, e.value, e.id) for e in evs], 2)
+
+    def run() -> Any:
+        app = one_epoch_charges(kstore, server.url)
+        app.state_dir = str(tmp_path / "state")
+        app.run(until_idle=True)
+        (shown,) = kafka_status(kstore, "charges").apps
+        return [(e.name, e.pending, e.done, e.dead, e.complete) for e in shown.effects]
+
+    server.down = True
+    assert run() == [("charges", 30, 0, 0, True)]
+    server.down = False
+    assert run() == [("charges", 0, 29, 1, True)]
+    assert len(server.applied) == 29
+
+
+def test_a_worker_rides_out_a_postgresql_crash_and_restart_on_kafka(
+    kstore: str,
+    postgres_server: Any,
+    postgres_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL SIGKILLed under a Kafka worker while inputs keep coming, then started
+    again: the worker waits and goes on by itself, each input once in PostgreSQL."""
+    import logging
+    import threading
+
+    caplog.set_level(logging.WARNING, logger="onceflow")
+    from . import pipelines
+
+    create_inputs(postgres_url)
+    app = pipelines.ids_to_postgres()
+    app.store = kstore
+    app.state_dir = str(tmp_path / "state")
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            app.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        send(kstore, "amounts", amounts(0, 40), 4)
+        assert wait_until(lambda: len(pg_inputs(postgres_url)[0]) == 40, 120), errors
+        postgres_server.kill()
+        send(kstore, "amounts", amounts(40, 40), 4)
+        # The worker has read the new inputs and cannot prepare them.
+        assert wait_until(lambda: "is unreachable" in caplog.text, 120), errors
+    finally:
+        postgres_server.start()
+    try:
+        done = wait_until(
+            lambda: len(pg_inputs(postgres_url)[0]) == 80 and not pg_inputs(postgres_url)[1],
+            120,
+        )
+        assert done and not errors, errors
+    finally:
+        app.stop()
+        t.join(60)
+    assert not errors and not t.is_alive(), errors
+    ids, prepared = pg_inputs(postgres_url)
+    assert sorted(ids) == sorted(f"e{i}" for i in range(80)) and prepared == []
+
+
 def test_sinks_of_the_embedded_store_are_still_refused_on_kafka(kstore: str) -> None:
     app = App("refuse", store=kstore)
     app.source("in").sink(SQLiteTableSink("t", key=["k"], columns=["k"]))

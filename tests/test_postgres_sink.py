@@ -3,17 +3,20 @@ crashing at every step (between PREPARE and COMMIT PREPARED included)."""
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from onceflow import ConfigError, FencedError, PostgresSink, StoreError
-from onceflow._crash import CRASH_POINTS
+from onceflow import App, ConfigError, FencedError, PostgresSink, UnavailableError
+from onceflow._crash import CRASH_POINTS, CrashInjector, SimulatedCrash
+from onceflow._supervisor import wait_until
 from onceflow.testing import Crash, Event, run_with_crashes, send
 
 from . import pipelines
@@ -46,6 +49,11 @@ def tables(url: str) -> tuple[list[Any], list[Any], list[Any]]:
         seen = c.execute("SELECT k, n FROM seen ORDER BY 1").fetchall()
         prepared = c.execute("SELECT gid FROM pg_prepared_xacts").fetchall()
     return ledger, seen, prepared
+
+
+def prepared(url: str) -> list[str]:
+    with psycopg.connect(url, autocommit=True) as c:
+        return [r[0] for r in c.execute("SELECT gid FROM pg_prepared_xacts")]
 
 
 @pytest.fixture
@@ -143,6 +151,102 @@ def test_resumes_from_postgres_offsets_when_they_are_ahead(
     assert len(tables(postgres_url)[0]) == 40
 
 
+def _app_ledger(app: str, sink: str, store: Path) -> App:
+    """Each input as a row of `apps_ledger`, tagged with the app's and sink's names."""
+
+    def rows(cur: Any, batch: Any) -> None:
+        for _, value, row_id in batch:
+            cur.execute(
+                "INSERT INTO apps_ledger(app, row_id, n) VALUES (%s, %s, %s)",
+                (f"{app}|{sink}", "/".join(map(str, row_id)), value["n"]),
+            )
+
+    a = App(app, store=str(store), **pipelines.SMALL)  # type: ignore[arg-type]
+    a.source("amounts").sink(PostgresSink(fn=rows, name=sink))
+    return a
+
+
+@pytest.mark.parametrize(
+    "mine, other",
+    [
+        (("pay-in", "ledger"), ("pay_in", "ledger")),  # LIKE's '_' matches any character
+        (("pay.in", "ledger"), ("pay", "in.ledger")),  # the same id with dots
+        (("pay", "led ger"), ("pay", "led/ger")),  # characters not allowed in an id
+    ],
+)
+def test_recovery_settles_only_its_own_prepared_transactions(
+    mine: tuple[str, str], other: tuple[str, str], postgres_url: str, tmp_path: Path
+) -> None:
+    """An app that dies after its store committed an epoch leaves that epoch's prepared
+    transaction for its own recovery to commit. Another app, whose names differ, must
+    not roll it back when it recovers first: committed rows would be lost."""
+    with psycopg.connect(postgres_url, autocommit=True) as c:
+        c.execute(
+            "CREATE TABLE apps_ledger(app text, row_id text, n int, PRIMARY KEY(app, row_id))"
+        )
+    evs = [e for e in events(30) if isinstance(e, Event)]
+    for store in ("mine.db", "other.db"):
+        send(str(tmp_path / store), evs)
+    dying = _app_ledger(*mine, tmp_path / "mine.db")
+    dying._crash = CrashInjector("after_commit:2", "raise")
+    with pytest.raises(SimulatedCrash):
+        dying.run(until_idle=True)
+    assert len(prepared(postgres_url)) == 1  # the committed epoch's, in doubt
+    _app_ledger(*other, tmp_path / "other.db").run(until_idle=True)
+    _app_ledger(*mine, tmp_path / "mine.db").run(until_idle=True)
+    with psycopg.connect(postgres_url, autocommit=True) as c:
+        got = dict(c.execute("SELECT app, COUNT(*) FROM apps_ledger GROUP BY app").fetchall())
+    assert got == {"|".join(mine): 30, "|".join(other): 30}
+    assert prepared(postgres_url) == []
+
+
+def test_an_app_rides_out_a_postgresql_crash_and_restart(
+    postgres_server: Any, postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PostgreSQL is SIGKILLed mid-run while inputs keep coming, and started again: the
+    App says so once, waits, and goes on by itself, each input in PostgreSQL once."""
+    caplog.set_level(logging.WARNING, logger="onceflow")
+    create_tables(postgres_url)
+    store = str(tmp_path / "s.db")
+    evs = [e for e in events(80, seed=7) if isinstance(e, Event)]
+    app = pipelines.to_postgres()
+    app.store = store
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            app.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        send(store, evs[:40])
+        assert wait_until(lambda: len(tables(postgres_url)[0]) == 40, 60), errors
+        postgres_server.kill()
+        send(store, evs[40:])
+        assert wait_until(lambda: "is unreachable" in caplog.text, 60), errors
+    finally:
+        postgres_server.start()
+    try:
+        done = wait_until(
+            lambda: len(tables(postgres_url)[0]) == 80 and not tables(postgres_url)[2], 120
+        )
+        assert done and not errors, errors
+    finally:
+        app.stop()
+        t.join(60)
+    assert not errors and not t.is_alive()
+    ledger, seen, prepared = tables(postgres_url)
+    values = [e.value for e in evs]
+    assert sorted((a, n) for _, a, n in ledger) == sorted((v["k"], v["n"]) for v in values)
+    assert dict(seen) == {v["k"]: v["n"] for v in values}  # the last value per key
+    assert prepared == []
+    assert caplog.text.count("is unreachable") == 1  # said once, however long it lasted
+    assert "reachable again" in caplog.text
+
+
 def test_clear_errors(postgres_url: str, tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
     with pytest.raises(ConfigError, match="does not exist"):
@@ -156,7 +260,7 @@ def test_clear_errors(postgres_url: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="either table="):
         PostgresSink(postgres_url)
     bad = "postgresql://someone:s3cret-password@127.0.0.1:1/db"
-    with pytest.raises(StoreError) as err:
+    with pytest.raises(UnavailableError) as err:
         PostgresSink(bad, table="t", key=["a"], columns=["a"]).open("app", conn)
     assert "s3cret-password" not in str(err.value) and "***" in str(err.value)
 
@@ -183,8 +287,6 @@ def test_sinks_starting_at_once_create_their_tables_once(postgres_url: str) -> N
     is not safe against itself in PostgreSQL without the sink's advisory lock)."""
     import threading
 
-    from onceflow._sink_fences import SCHEMA as FENCE_SCHEMA
-
     sinks = [PostgresSink(postgres_url, fn=lambda cur, rows: None) for _ in range(8)]
     conns = [s._ensure() for s in sinks]
     start = threading.Barrier(len(sinks))
@@ -193,7 +295,7 @@ def test_sinks_starting_at_once_create_their_tables_once(postgres_url: str) -> N
     def open_one(sink: PostgresSink, conn: Any) -> None:
         start.wait()
         try:
-            sink._check_server(conn, FENCE_SCHEMA)
+            sink._check_server(conn)
         except BaseException as exc:
             errors.append(exc)
 

@@ -19,7 +19,7 @@ from ._crash import CrashInjector, from_env
 from ._dataflow import STATEFUL, Step, Stream, signature, validate
 from ._effects import EffectSink
 from ._embedded import EmbeddedSession
-from ._errors import CommitError, ConfigError, SinkGuaranteeError
+from ._errors import CommitError, ConfigError, SinkGuaranteeError, UnavailableError
 from ._hooks import Hooks, _Fanout
 from ._kafka_common import KafkaURL, is_kafka
 from ._runtime import DedupStep, Executor
@@ -242,10 +242,8 @@ class App:
             if sinks and hasattr(session, "store"):
                 with session.store.lock:
                     for sink in sinks.values():
-                        if hasattr(sink, "_crash"):
-                            sink._crash = crash
+                        sink.bind(session, crash, self._stop.is_set)
                         if isinstance(sink, EffectSink):
-                            sink._store = session.store
                             sink._dead_letter_topic = self.dead_letter_topic
                         sink.open(self.name, session.store.conn)
                         # A sink that recorded offsets ahead of the store (the store was
@@ -320,8 +318,7 @@ class App:
     def _open_sinks_on_kafka(self, session: Any, sinks: dict[str, Sink], crash: Any) -> None:
         """Sinks recover per partition on Kafka, when a partition comes to this worker."""
         for sink in sinks.values():
-            if hasattr(sink, "_crash"):
-                sink._crash = crash
+            sink.bind(session, crash, self._stop.is_set)
             if isinstance(sink, EffectSink):
                 sink._dead_letter_topic = self.dead_letter_topic
             sink.open_on_kafka(self.name, session)
@@ -413,6 +410,12 @@ class App:
                 for s in self._steps
                 if s.kind == "dedupe"
             },
+            # Where `onceflow status` finds each effect sink's journal on Kafka.
+            "effect_sinks": {
+                name: min(topics)
+                for name, topics in self._partitioned_steps().items()
+                if isinstance(self._sinks().get(name), EffectSink)
+            },
         }
 
     def _topics(self) -> dict[str, int]:
@@ -440,6 +443,7 @@ class App:
         deadline = None if timeout is None else time.monotonic() + timeout
         last_commit = time.monotonic()
         failures = 0
+        outage = 0.0
         while not self._stop.is_set():
             if deadline is not None and time.monotonic() > deadline:
                 break
@@ -460,7 +464,15 @@ class App:
             if ep.records_in and (due or not batches):
                 try:
                     self._commit(cp, ep)
-                    failures = 0
+                    failures = outage = 0
+                except UnavailableError as exc:
+                    # The epoch was dropped; the system that is away says so once. Wait,
+                    # then redo the epoch from the last commit.
+                    log.debug("waiting out an outage: %s", exc)
+                    positions.clear()
+                    positions.update(session.rewind())
+                    outage = min(max(outage * 2, 0.1), 5.0)
+                    self._stop.wait(outage)
                 except CommitError as exc:
                     failures += 1
                     log.error("%s (attempt %d of %d)", exc, failures, _MAX_FAILED_COMMITS)
@@ -473,8 +485,14 @@ class App:
             elif not batches:
                 if until_idle and session.idle():
                     break
+                for sink in cp.sinks.values():
+                    sink.retry_pending()
                 session.wait_for_data(min(0.05, self.commit_interval), self._stop)
-        self._commit(cp, executor.epoch)
+        try:
+            self._commit(cp, executor.epoch)
+        except UnavailableError as exc:
+            # Stopping during an outage: the epoch is dropped, redone by the next run.
+            log.warning("stopping without the last epoch: %s", exc)
 
     def _commit(self, cp: Checkpoint, ep: Any) -> None:
         n_in, dups, dead = ep.records_in, ep.duplicates, ep.dead_letters

@@ -34,7 +34,6 @@ The audit, after the drain, on either backend:
 from __future__ import annotations
 
 import json
-import sqlite3
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -55,9 +54,15 @@ TP = tuple[str, int]
 Committed = Callable[[set[TP]], dict[TP, int]]
 
 # Epochs and fences are fencing tokens: a run with restarts (or, on Kafka, rebalances)
-# has higher ones, by design. Intents are checked by `check_intents`.
+# has higher ones, by design. Owners only name the backend. Intents are checked by
+# `check_intents`.
 _INTENTS_TABLE = "onceflow_sink_intents"
-_NOT_COMPARED = {"onceflow_sink_epochs", "onceflow_sink_fences", _INTENTS_TABLE}
+_NOT_COMPARED = {
+    "onceflow_sink_epochs",
+    "onceflow_sink_fences",
+    "onceflow_sink_owners",
+    _INTENTS_TABLE,
+}
 _OFFSETS_TABLE = "onceflow_sink_offsets"
 # How many rows of each kind a failing table comparison shows.
 _SAMPLE = 3
@@ -138,16 +143,12 @@ def preflight(app: App, url: str) -> None:
     """Open every sink once against `url`, so that a missing table or
     `max_prepared_transactions = 0` fails now, with the sink's own error, not as a
     child that dies after every restart."""
-    store = sqlite3.connect(":memory:")
-    try:
-        for sink in postgres_sinks(app):
-            _point(sink, url)
-            try:
-                sink.open(app.name, store)
-            finally:
-                sink.close()
-    finally:
-        store.close()
+    for sink in postgres_sinks(app):
+        _point(sink, url)
+        try:
+            sink.check(app.name)
+        finally:
+            sink.close()
 
 
 def _point(sink: PostgresSink, url: str) -> None:

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._crash import SimulatedCrash
-from ._errors import CommitError, FencedError
+from ._errors import CommitError, FencedError, UnavailableError
 from ._runtime import DedupStep, Epoch, Executor
 from ._sinks import Sink
 from ._state import StepState
@@ -180,7 +180,8 @@ class Checkpoint:
         except BaseException as exc:
             self._abort_sinks()
             self.abort()
-            if isinstance(exc, (FencedError, SimulatedCrash)):
+            # An outage is waited out by the App, not counted as a failed commit.
+            if isinstance(exc, (FencedError, SimulatedCrash, UnavailableError)):
                 raise
             raise CommitError(f"a sink could not prepare the epoch: {exc}") from exc
         self.crash("sink_prepared")

@@ -10,7 +10,7 @@ import importlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,6 +31,7 @@ from ._settings import ENV_HELP, Settings
 from ._sqlite import SQLiteStore
 from ._status import (
     AppStatus,
+    EffectStatus,
     as_json,
     decode_value,
     describe_rows,
@@ -531,6 +532,8 @@ def _print_app(out: Console, app: AppStatus, now: float) -> None:
         out.print(_steps_table(app, now))
     if app.sinks:
         out.print(_sinks_table(app))
+    if app.effects:
+        out.print(_effects_table(app.effects))
 
 
 def _dash(value: object) -> str:
@@ -568,6 +571,24 @@ def _sinks_table(app: AppStatus) -> Table:
     table = Table("sink", "pending epochs", "delivered epochs", "position")
     for k in app.sinks:
         table.add_row(k.name, str(k.pending_epochs), str(k.delivered_epochs), str(k.position))
+    return table
+
+
+def _effects_table(effects: Sequence[EffectStatus | kafka.KafkaEffectStatus]) -> Table:
+    """Pending intents are retried with their keys until they succeed; failing ones
+    (embedded only: Kafka journals no failed attempt) show the first one's error. A
+    count ending in + is a floor: the changelog could not be read to its end in time."""
+    table = Table("effect sink", "pending", "failing", "done", "dead", "last error")
+    for e in effects:
+        more = "" if getattr(e, "complete", True) else "+"
+        table.add_row(
+            e.name,
+            f"{e.pending}{more}",
+            _dash(getattr(e, "failing", None)),
+            f"{e.done}{more}",
+            f"{e.dead}{more}",
+            _dash(getattr(e, "last_error", None)),
+        )
     return table
 
 
@@ -626,6 +647,8 @@ def _print_kafka_app(out: Console, app: kafka.KafkaAppStatus) -> None:
                 s.name, s.kind, _dash(s.topic), _dash(s.changelog), str(s.changelog_end_offset)
             )
         out.print(steps)
+    if app.effects:
+        out.print(_effects_table(app.effects))
 
 
 def _print_transactions(out: Console, found: kafka.KafkaStatus) -> None:

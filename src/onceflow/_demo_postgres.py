@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 from ._chaos_postgres import _connect, with_dbname
 from ._errors import ConfigError
-from ._postgres_sink import PostgresSink, _psycopg, redact
+from ._postgres_sink import PostgresSink, _psycopg, app_gid_prefix, redact
 
 if TYPE_CHECKING:
     from ._demo import Entry, Transfer
@@ -212,8 +212,8 @@ def _prepared(conn: Any, app: str) -> list[str]:
         r[0]
         for r in conn.execute(
             "SELECT gid FROM pg_prepared_xacts "
-            "WHERE database = current_database() AND gid LIKE %s ORDER BY 1",
-            (f"onceflow.{app}.%",),
+            "WHERE database = current_database() AND left(gid, %s) = %s ORDER BY 1",
+            (len(app_gid_prefix(app)), app_gid_prefix(app)),
         )
     ]
 

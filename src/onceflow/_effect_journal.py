@@ -11,9 +11,11 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ._errors import FencedError
 from ._records import Columns
 from ._serde import encode_value
 from ._sinks import Row
@@ -56,14 +58,23 @@ def dead_letter_headers(app: str, sink: str, error: str) -> dict[str, str]:
 
 
 class SQLiteJournal:
-    """The embedded store's table; each outcome in its own small transaction."""
+    """The embedded store's table. Each outcome is settled in a transaction of its own,
+    fenced by the leases (`Sink.fenced`) and a compare-and-set from 'pending': a
+    recorder paused between its call and this entry, that resumes after a successor
+    settled the intent, is refused and writes no second outcome or dead letter."""
 
     def __init__(
-        self, conn: sqlite3.Connection, app: str, sink: str, store: Any, dead_letter_topic: str
+        self,
+        fenced: Callable[[str], AbstractContextManager[sqlite3.Connection]],
+        app: str,
+        sink: str,
+        store: Any,
+        dead_letter_topic: str,
     ) -> None:
-        self.conn, self.app, self.sink = conn, app, sink
+        self.fenced, self.app, self.sink = fenced, app, sink
         self.store, self.dead_letter_topic = store, dead_letter_topic
-        conn.execute(SQLITE_SCHEMA)
+        with store.lock:
+            store.conn.execute(SQLITE_SCHEMA)
 
     def add(self, txn: Any, rows: Sequence[Row], key: KeyFn) -> None:
         (last,) = txn.execute(
@@ -79,44 +90,50 @@ class SQLiteJournal:
         )
 
     def pending(self) -> list[Intent]:
-        return [
-            Intent(seq, key, payload)
-            for seq, key, payload in self.conn.execute(
-                "SELECT seq, key, payload FROM effects WHERE app=? AND sink=? "
-                "AND status='pending' ORDER BY seq",
-                (self.app, self.sink),
-            )
-        ]
+        with self.store.lock:
+            return [
+                Intent(seq, key, payload)
+                for seq, key, payload in self.store.conn.execute(
+                    "SELECT seq, key, payload FROM effects WHERE app=? AND sink=? "
+                    "AND status='pending' ORDER BY seq",
+                    (self.app, self.sink),
+                )
+            ]
 
     def attempt_failed(self, intent: Intent, error: str) -> None:
-        self.conn.execute(
-            "UPDATE effects SET attempts=attempts+1, error=? WHERE app=? AND sink=? AND seq=?",
-            (error, self.app, self.sink, intent.ref),
-        )
+        with self.fenced(f"a failed attempt of effect {intent.key}") as conn:
+            conn.execute(
+                "UPDATE effects SET attempts=attempts+1, error=? "
+                "WHERE app=? AND sink=? AND seq=? AND status='pending'",
+                (error, self.app, self.sink, intent.ref),
+            )
 
     def settle(
         self, intent: Intent, status: str, response: bytes | None, error: str | None
     ) -> None:
-        conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute(
-            "UPDATE effects SET status=?, response=?, error=?, attempts=attempts+1 "
-            "WHERE app=? AND sink=? AND seq=?",
-            (status, response, error, self.app, self.sink, intent.ref),
-        )
-        if status == "dead":
-            self._dead_letter(intent, error or "")
-        conn.execute("COMMIT")
+        with self.fenced(f"the outcome of effect {intent.key}") as conn:
+            settled = conn.execute(
+                "UPDATE effects SET status=?, response=?, error=?, attempts=attempts+1 "
+                "WHERE app=? AND sink=? AND seq=? AND status='pending'",
+                (status, response, error, self.app, self.sink, intent.ref),
+            ).rowcount
+            if settled != 1:
+                raise FencedError(
+                    f"EffectSink '{self.sink}': effect {intent.key} was settled by another "
+                    "process; this one stops without recording a second outcome"
+                )
+            if status == "dead":
+                self._dead_letter(conn, intent, error or "")
 
-    def _dead_letter(self, intent: Intent, error: str) -> None:
-        if self.store is None or not self.dead_letter_topic:
+    def _dead_letter(self, conn: sqlite3.Connection, intent: Intent, error: str) -> None:
+        if not self.dead_letter_topic:
             return
         found = self.store.topic(self.dead_letter_topic)
         if found is None:
             return
         headers = dead_letter_headers(self.app, self.sink, error)
         self.store.append(
-            self.conn,
+            conn,
             found[0],
             0,
             Columns([None], [intent.payload], [headers], [time.time()], [intent.key]),

@@ -7,6 +7,9 @@ response journalled. After a crash, pending intents are sent again with the same
 never a new one, so a server that honours idempotency keys applies each effect once.
 A permanent failure (the server refuses the request) becomes a dead letter; a transient
 one (timeout, 5xx, 429) is retried with backoff, and stays pending across restarts.
+While calls keep failing (the API is down) the intents stay pending, in order, and
+delivery rounds come with a backoff of their own, after a commit or while the App is
+idle, until the calls succeed: an outage of any length is waited out, said once.
 
 The journal lives in the embedded store, or on Kafka in the per-partition local stores
 and their changelog (`_effect_journal.py`); the delivery logic here is the same for both.
@@ -15,6 +18,7 @@ and their changelog (`_effect_journal.py`); the delivery logic here is the same 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import time
 import urllib.error
@@ -23,9 +27,11 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ._effect_journal import Journal, KafkaJournal, SQLiteJournal
-from ._errors import ConfigError
+from ._errors import ConfigError, FencedError
 from ._serde import encode_value
 from ._sinks import Row, Sink
+
+log = logging.getLogger("onceflow")
 
 
 class PermanentError(Exception):
@@ -38,7 +44,8 @@ class EffectSink(Sink):
     `call` returns a JSON-able response (journalled), raises `PermanentError` for a
     request that will never succeed (a dead letter), or raises anything else for a
     transient failure (retried `retries` times with exponential backoff from `backoff`
-    seconds, then left pending for the next epoch or restart).
+    seconds, then left pending: the next delivery round comes after a backoff doubling
+    up to `max_backoff` seconds, after a commit or while the App is idle).
     """
 
     guarantee = "idempotent"
@@ -51,26 +58,32 @@ class EffectSink(Sink):
         name: str,
         retries: int = 3,
         backoff: float = 0.2,
+        max_backoff: float = 30.0,
     ) -> None:
         if not callable(call):
             raise ConfigError("EffectSink needs a function call(payload, idempotency_key)")
-        if retries < 0 or backoff < 0:
-            raise ConfigError("EffectSink: retries and backoff must not be negative")
+        if retries < 0 or backoff < 0 or max_backoff < 0:
+            raise ConfigError("EffectSink: retries and backoffs must not be negative")
         self.call = call
         self.name = name
         self.retries = retries
         self.backoff = backoff
+        self.max_backoff = max_backoff
+        # The rounds' own backoff while calls fail: no round starts before `_next_round`.
+        self._next_round = 0.0
+        self._delay = 0.0
+        self._failing = False
+        self._backlog = False
         self._app = ""
+        # Set by the App.
         self._dead_letter_topic = ""
-        self._crash: Callable[[str], None] = lambda point: None
-        # Set by the App: the embedded store (for dead letters) and its dead-letter topic.
-        self._store: Any = None
         self._journal: Journal | None = None
 
     def open(self, app: str, conn: sqlite3.Connection) -> None:
         self._app = app
-        self._journal = SQLiteJournal(conn, app, self.name, self._store, self._dead_letter_topic)
-        self._deliver()
+        store = self._session.store
+        self._journal = SQLiteJournal(self.fenced, app, self.name, store, self._dead_letter_topic)
+        self._deliver(now=True)
 
     def open_on_kafka(self, app: str, session: Any) -> None:
         """Kafka: pending intents are delivered when their partition is assigned."""
@@ -79,7 +92,7 @@ class EffectSink(Sink):
 
     def partitions_assigned(self, parts: list[tuple[str, int]]) -> None:
         # The previous owner may have died with intents pending: same keys, sent again.
-        self._deliver()
+        self._deliver(now=True)
 
     def write(self, conn: Any, rows: Sequence[Row]) -> None:
         """Journal the intents inside the epoch's transaction."""
@@ -94,19 +107,62 @@ class EffectSink(Sink):
     def after_commit(self, conn: Any, rows: Sequence[Row]) -> None:
         self._deliver()
 
-    def _deliver(self) -> None:
-        """Call every pending intent in order, journalling each outcome."""
+    def retry_pending(self) -> None:
+        """While the App is idle: the next round for intents an outage left pending."""
+        if self._backlog:
+            self._deliver()
+
+    def _deliver(self, *, now: bool = False) -> None:
+        """One delivery round: every pending intent in order, each outcome journalled.
+        A call that still fails after its retries ends the round, and the next one
+        waits for the rounds' backoff (unless `now`: a start or a new assignment)."""
         journal = self._journal
         assert journal is not None, "EffectSink used before open"
-        for intent in journal.pending():
-            status, response, error = self._call(json.loads(intent.payload), intent.key)
-            self._crash("effect_called")
-            if status == "pending":
-                # Still failing: left for the next epoch or restart, same key.
-                journal.attempt_failed(intent, error or "")
-                break
-            journal.settle(intent, status, response, error)
-        journal.flush()
+        if not now and time.monotonic() < self._next_round:
+            return
+        self._backlog = False
+        try:
+            for intent in journal.pending():
+                status, response, error = self._call(json.loads(intent.payload), intent.key)
+                self._crash("effect_called")
+                if status == "pending":
+                    # Still failing: left for a later round or restart, same key.
+                    journal.attempt_failed(intent, error or "")
+                    self._round_failed(error or "")
+                    break
+                journal.settle(intent, status, response, error)
+                # Calls go through again: a later failure starts the backoff anew.
+                self._delay = 0.0
+            else:
+                self._round_done()
+            journal.flush()
+        except FencedError:
+            raise
+        except Exception as exc:
+            # The outcomes could not be journalled (on Kafka: the broker is away). The
+            # intents stay pending and go again with the same keys.
+            self._round_failed(f"journalling outcomes failed: {type(exc).__name__}: {exc}")
+
+    def _round_failed(self, error: str) -> None:
+        self._backlog = True
+        self._delay = min(self.max_backoff, max(self._delay * 2, self.backoff, 0.05))
+        self._next_round = time.monotonic() + self._delay
+        if not self._failing:
+            self._failing = True
+            log.warning(
+                "effect sink %s: calls fail (%s); the pending intents are retried in "
+                "order with the same keys, with backoff up to %gs, until they succeed",
+                self.name,
+                error,
+                self.max_backoff,
+            )
+
+    def _round_done(self) -> None:
+        self._delay = 0.0
+        self._next_round = 0.0
+        if self._failing:
+            self._failing = False
+            log.warning("effect sink %s: calls succeed again", self.name)
 
     def _call(self, payload: Any, key: str) -> tuple[str, bytes | None, str | None]:
         delay = self.backoff
@@ -145,6 +201,7 @@ class HttpEffectSink(EffectSink):
         timeout: float = 10.0,
         retries: int = 3,
         backoff: float = 0.2,
+        max_backoff: float = 30.0,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ConfigError(f"HttpEffectSink needs an http(s) URL, got {url!r}")
@@ -152,7 +209,9 @@ class HttpEffectSink(EffectSink):
         self.method = method
         self.headers = dict(headers or {})
         self.timeout = timeout
-        super().__init__(self._post, name=name, retries=retries, backoff=backoff)
+        super().__init__(
+            self._post, name=name, retries=retries, backoff=backoff, max_backoff=max_backoff
+        )
 
     def _post(self, payload: Any, key: str) -> Any:
         req = urllib.request.Request(

@@ -25,12 +25,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, NoReturn, TypeVar
 
 from ._errors import ConfigError, StoreError
-from ._kafka import transaction_timeout_ms
+from ._kafka import _EFFECT, _msgpack_dec, transaction_timeout_ms
 from ._kafka_common import CLIENT_LOG, KafkaURL, kafka_module, message_record
 from ._records import Record
 from ._settings import Settings
@@ -115,6 +116,19 @@ class KafkaStepStatus:
 
 
 @dataclass(frozen=True)
+class KafkaEffectStatus:
+    """An effect sink's journal, as its changelog holds it: intents not yet settled,
+    applied ones, and permanent failures (dead letters). `complete` is False when the
+    changelog could not be read to its end in time (the counts are then a floor)."""
+
+    name: str
+    pending: int
+    done: int
+    dead: int
+    complete: bool = True
+
+
+@dataclass(frozen=True)
 class KafkaAppStatus:
     name: str
     group: str
@@ -128,6 +142,7 @@ class KafkaAppStatus:
     dead_letter_end_offset: int
     partitions: list[KafkaPartitionStatus]
     steps: list[KafkaStepStatus]
+    effects: list[KafkaEffectStatus] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -525,6 +540,7 @@ def _app_status(
         for s in sorted(topology)
     ]
     timeout, assumed = transaction_timeout_s(config)
+    effects = _effects(cluster, name, config, found)
     return KafkaAppStatus(
         name=name,
         group=cluster.url.topic(name),
@@ -536,7 +552,39 @@ def _app_status(
         dead_letter_end_offset=total(dlq),
         partitions=parts,
         steps=steps,
+        effects=effects,
     )
+
+
+def _effects(
+    cluster: Cluster, app: str, config: dict[str, Any], found: dict[str, int]
+) -> list[KafkaEffectStatus]:
+    """Each effect sink's intents by their last changelog record (what compaction
+    keeps), read from the changelog of the topic that feeds the sink."""
+    sinks = config.get("effect_sinks")
+    if not isinstance(sinks, dict):
+        return []
+    out = []
+    for sink, topic in sorted(sinks.items()):
+        changelog = f"{app}.{topic}.changelog"
+        keys = [(changelog, p) for p in range(found.get(changelog, 0))]
+        low = cluster.offsets(keys, latest=False)
+        high = cluster.offsets(keys)
+        got, unfinished = cluster.read({k: (low[k], high[k]) for k in keys})
+        prefix = _EFFECT + b"\x00" + str(sink).encode() + b"\x00"
+        last: dict[bytes, str] = {}
+        for msgs in got.values():
+            for m in msgs:
+                key, value = m.key(), m.value()
+                if key and key.startswith(prefix) and value is not None:
+                    last[key] = str(_msgpack_dec.decode(value)[3])
+        counts = Counter(last.values())
+        out.append(
+            KafkaEffectStatus(
+                str(sink), counts["pending"], counts["done"], counts["dead"], not unfinished
+            )
+        )
+    return out
 
 
 def _attribute(txns: list[OpenTransaction], metas: dict[str, AppMeta]) -> list[OpenTransaction]:

@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ClassVar, Literal
 
-from ._errors import ConfigError
+from ._errors import ConfigError, FencedError
 from ._serde import encode_value
 
 Guarantee = Literal["transactional", "idempotent", "at-least-once"]
@@ -44,6 +45,49 @@ class Sink:
     # sinks cannot run on Kafka. The others implement `open_on_kafka`.
     needs_store: ClassVar[bool] = True
     name: str = "sink"
+    # Set by `bind`: the backend session whose fence every write of the sink checks, and
+    # the fault injector of the protocol steps.
+    _session: Any = None
+    _crash: Callable[[str], None] = staticmethod(lambda point: None)
+    # Whether the App is stopping: a sink waiting out an outage gives up then. None
+    # when no App runs the sink, which then raises an outage at once.
+    _stopping: Callable[[], bool] | None = None
+
+    def bind(
+        self, session: Any, crash: Callable[[str], None], stopping: Callable[[], bool]
+    ) -> None:
+        """Called by the App before `open`/`open_on_kafka`: the session this process
+        holds its partitions through, the fault injector, and whether it is stopping."""
+        self._session = session
+        self._crash = crash
+        self._stopping = stopping
+
+    @contextlib.contextmanager
+    def fenced(self, what: str) -> Iterator[sqlite3.Connection]:
+        """Embedded store: the one way a sink writes its own bookkeeping outside the
+        epoch's transaction (a delivered position, an effect's outcome). A transaction
+        of its own that first checks, inside itself, that this process still holds its
+        leases: a paused process that resumes after a successor took over is refused
+        here (`FencedError`) and writes nothing."""
+        s = self._session
+        if s is None or not hasattr(s, "store"):
+            raise AssertionError(f"sink '{self.name}' wrote its bookkeeping before bind()")
+        conn = s.begin()
+        try:
+            try:
+                s.check_fence(conn)
+            except FencedError as exc:
+                raise FencedError(f"sink '{self.name}' cannot record {what}: {exc}") from exc
+            yield conn
+        except BaseException:
+            s.rollback(conn)
+            raise
+        s.commit(conn)
+
+    def retry_pending(self) -> None:
+        """Called by the App loop while it has no input: work the sink left pending
+        because a system was unreachable (effects not yet called, a prepared transaction
+        not yet committed) is retried here, on the sink's own backoff schedule."""
 
     def open(self, app: str, conn: sqlite3.Connection) -> None:
         """Called once at start, before any epoch; recover anything pending here."""
@@ -145,9 +189,24 @@ class FileSink(Sink):
     """Appends one line per value (JSON unless bytes/str) to a file, exactly once.
 
     The epoch's lines are committed to the store's outbox with the epoch; after the
-    commit they are written at the file position the store recorded and fsynced. After a
-    crash the file is cut back to the recorded position and the pending lines rewritten,
-    so the file never keeps a partial or doubled line.
+    commit they are written at the file position the store recorded and fsynced, and
+    the new position is recorded. After a crash the file is cut back to the recorded
+    position and the pending lines rewritten, so the file never keeps a partial or
+    doubled line.
+
+    A deliverer may be paused anywhere and resume after a successor delivered past it
+    (a zombie). What keeps the file exact then:
+
+    - The bytes of an epoch and their position are fixed once the epoch commits (the
+      outbox row, and the position after the epochs before it), so whoever writes them
+      writes the same bytes at the same offsets: a zombie's late write changes nothing.
+    - Recording a delivery is fenced (the writer still holds its leases, checked in the
+      same transaction) and a compare-and-set from the position the delivery started
+      at, so a zombie records nothing and learns it was fenced (`FencedError`).
+    - The file is only ever cut at `open`, inside a fenced store transaction: holding
+      the store's write lock, no other process can take over or record a position
+      until the cut is done, so the position it cuts to is the latest recorded one.
+      Deliveries never cut, so a late one cannot remove lines delivered after it.
     """
 
     guarantee = "idempotent"
@@ -156,16 +215,28 @@ class FileSink(Sink):
         self.path = os.fspath(path)
         self.name = name or f"file-{os.path.basename(self.path)}"
         self._app = ""
-        self._crash: Callable[[str], None] = lambda point: None
 
     def open(self, app: str, conn: sqlite3.Connection) -> None:
         self._app = app
-        conn.execute(
-            "INSERT OR IGNORE INTO sink_progress(app, sink, next_seq, flushed_seq, position) "
-            "VALUES(?,?,0,-1,0)",
-            (app, self.name),
-        )
-        self._flush(conn)
+        with self.fenced("its start") as c:
+            c.execute(
+                "INSERT OR IGNORE INTO sink_progress(app, sink, next_seq, flushed_seq, "
+                "position) VALUES(?,?,0,-1,0)",
+                (app, self.name),
+            )
+            (pos,) = c.execute(
+                "SELECT position FROM sink_progress WHERE app=? AND sink=?", (app, self.name)
+            ).fetchone()
+            # Whatever lies past the recorded position is a delivery that did not finish
+            # (a crash, or a zombie's write of a pending epoch, rewritten below).
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                if os.fstat(fd).st_size > pos:
+                    os.ftruncate(fd, pos)
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._flush()
 
     def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
         data = b"".join(encode_value(v).replace(b"\n", b"\\n") + b"\n" for _, v, _ in rows)
@@ -182,44 +253,67 @@ class FileSink(Sink):
         )
 
     def after_commit(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
-        self._flush(conn)
+        self._flush()
 
-    def _flush(self, conn: sqlite3.Connection) -> None:
+    def _flush(self) -> None:
         """Deliver every committed, undelivered epoch in order, at its recorded position."""
-        pending = conn.execute(
-            "SELECT seq, data FROM outbox WHERE app=? AND sink=? ORDER BY seq",
-            (self._app, self.name),
-        ).fetchall()
-        for seq, data in pending:
-            (pos,) = conn.execute(
-                "SELECT position FROM sink_progress WHERE app=? AND sink=?",
-                (self._app, self.name),
-            ).fetchone()
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        s = self._session
+        with s.store.lock:
+            # One snapshot: a position read before a successor's delivery and epochs
+            # read after it would put an epoch's bytes at another one's offset.
+            s.conn.execute("BEGIN")
             try:
-                # Whatever lies past the recorded position is a delivery that crashed.
-                os.ftruncate(fd, pos)
-                os.lseek(fd, pos, os.SEEK_SET)
-                half = len(data) // 2
-                os.write(fd, data[:half])
-                self._crash("sink_flush")
-                os.write(fd, data[half:])
-                os.fsync(fd)
+                # Not relied upon (the record below is fenced): it spares a zombie the
+                # pointless rewrite of epochs its successor delivers.
+                s.check_fence(s.conn)
+                (flushed, pos) = s.conn.execute(
+                    "SELECT flushed_seq, position FROM sink_progress WHERE app=? AND sink=?",
+                    (self._app, self.name),
+                ).fetchone()
+                pending = s.conn.execute(
+                    "SELECT seq, data FROM outbox WHERE app=? AND sink=? ORDER BY seq",
+                    (self._app, self.name),
+                ).fetchall()
             finally:
-                os.close(fd)
+                s.conn.execute("COMMIT")
+        for seq, data in pending:
+            self._write_at(pos, data)
             self._crash("sink_delivered")
-            in_txn = conn.in_transaction
-            if not in_txn:
-                conn.execute("BEGIN IMMEDIATE")
-            conn.execute(
-                "DELETE FROM outbox WHERE app=? AND sink=? AND seq=?", (self._app, self.name, seq)
-            )
-            conn.execute(
-                "UPDATE sink_progress SET flushed_seq=?, position=? WHERE app=? AND sink=?",
-                (seq, pos + len(data), self._app, self.name),
-            )
-            if not in_txn:
-                conn.execute("COMMIT")
+            with self.fenced(f"the delivery of its epoch {seq}") as c:
+                done = c.execute(
+                    "UPDATE sink_progress SET flushed_seq=?, position=? WHERE app=? AND sink=? "
+                    "AND flushed_seq=? AND position=?",
+                    (seq, pos + len(data), self._app, self.name, flushed, pos),
+                ).rowcount
+                if done != 1:
+                    raise FencedError(
+                        f"FileSink '{self.name}': another process recorded a delivery past "
+                        f"position {pos} of {self.path}; this one stops without recording"
+                    )
+                c.execute(
+                    "DELETE FROM outbox WHERE app=? AND sink=? AND seq=?",
+                    (self._app, self.name, seq),
+                )
+            flushed, pos = seq, pos + len(data)
+
+    def _write_at(self, pos: int, data: bytes) -> None:
+        """The epoch's bytes at their offset, then fsync. Never a cut: see the class."""
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            half = len(data) // 2
+            _pwrite_all(fd, data[:half], pos)
+            self._crash("sink_flush")
+            _pwrite_all(fd, data[half:], pos + half)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _pwrite_all(fd: int, data: bytes, pos: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, pos)
+        view, pos = view[n:], pos + n
 
 
 class CallbackSink(Sink):

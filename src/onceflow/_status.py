@@ -203,6 +203,20 @@ class SinkStatus:
 
 
 @dataclass(frozen=True)
+class EffectStatus:
+    """An effect sink's journal: intents not yet settled (`failing`: of those, the ones
+    whose last call failed, the first one's error in `last_error`), applied ones, and
+    permanent failures (dead letters)."""
+
+    name: str
+    pending: int
+    failing: int
+    done: int
+    dead: int
+    last_error: str | None
+
+
+@dataclass(frozen=True)
 class AppStatus:
     name: str
     commits: int
@@ -213,6 +227,7 @@ class AppStatus:
     partitions: list[PartitionStatus]
     steps: list[StepStatus]
     sinks: list[SinkStatus]
+    effects: list[EffectStatus]
 
 
 def app_names(store: SQLiteStore) -> list[str]:
@@ -251,6 +266,7 @@ def app_status(store: SQLiteStore, app: str) -> AppStatus:
         partitions=parts,
         steps=step_status(store, app, topology, config.get("retention", {})),
         sinks=sink_status(store, app),
+        effects=effect_status(store, app),
     )
 
 
@@ -349,6 +365,33 @@ def sink_status(store: SQLiteStore, app: str) -> list[SinkStatus]:
         flushed, position = progress.get(name, (-1, 0))
         out.append(SinkStatus(name, pending.get(name, 0), flushed + 1, position))
     return out
+
+
+def effect_status(store: SQLiteStore, app: str) -> list[EffectStatus]:
+    with store.lock:
+        conn = store.conn
+        # The journal's table is created by the first effect sink that opens.
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name='effects'").fetchone():
+            return []
+        counts = conn.execute(
+            "SELECT sink, SUM(status='pending'), SUM(status='pending' AND attempts>0), "
+            "SUM(status='done'), SUM(status='dead') FROM effects WHERE app=? "
+            "GROUP BY sink ORDER BY sink",
+            (app,),
+        ).fetchall()
+        # SQLite takes the bare column `error` from the row that has the MIN(seq).
+        errors = {
+            sink: error
+            for sink, error, _ in conn.execute(
+                "SELECT sink, error, MIN(seq) FROM effects WHERE app=? AND status='pending' "
+                "AND attempts>0 GROUP BY sink",
+                (app,),
+            )
+        }
+    return [
+        EffectStatus(sink, int(p), int(f), int(d), int(x), errors.get(sink))
+        for sink, p, f, d, x in counts
+    ]
 
 
 def _unknown_app(store: SQLiteStore, app: str, names: list[str]) -> str:
