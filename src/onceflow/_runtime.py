@@ -21,7 +21,7 @@ from typing import Any
 from ._dataflow import Step
 from ._errors import UserFunctionError
 from ._records import Columns
-from ._serde import copy_state, dump_state, encoder_for, load_state
+from ._serde import copy_state, decode_state, dump_state, encode_state, encoder_for, load_state
 from ._sqlite import partition_for
 from ._state import DEFAULT_CACHE_KEYS, MISSING, State, StepState
 
@@ -435,25 +435,30 @@ class Executor:
         fn = step.fn
         initial = step.options["initial"]
         always = step.options.get("always_initial", False) or initial is not None
-        atoms = _ATOMS
+        atoms, enc, dec = _ATOMS, encode_state, decode_state
         out: list[Item] = []
         for k, v, s in items:
             pk = (parts[s], k or "")
             acc = cache.get(pk, MISSING)
             try:
+                t = type(acc)
                 if acc is MISSING:
                     if always:
                         start = initial() if callable(initial) else copy.deepcopy(initial)
                         acc = fn(start, v)
                     else:
                         acc = v
-                elif type(acc) in atoms or frozen(acc):
+                elif t in atoms or (t is not dict and t is not list and frozen(acc)):
                     acc = fn(acc, v)
                 else:
                     # The function mutates a copy: a call that raises halfway leaves the
                     # state as it was, and an earlier output (the same object) keeps
                     # the value it was emitted with.
-                    acc = fn(copy_state(acc), v)
+                    try:
+                        mine = dec(enc(acc))
+                    except Exception:
+                        mine = copy_state(acc)
+                    acc = fn(mine, v)
             except Exception as exc:
                 self._fail(step, batch, s, exc)
                 continue
@@ -469,6 +474,7 @@ class Executor:
         state = State(st)
         cache = st.cache
         fn = step.fn
+        atoms, enc, dec = _ATOMS, encode_state, decode_state
         out: list[Item] = []
         for k, v, s in items:
             # Keyless records share one state per partition, under the empty key.
@@ -476,10 +482,18 @@ class Executor:
             state._pk = pk
             before = cache.get(pk, MISSING)
             was_dirty = pk in st.dirty
-            if before is not MISSING and not frozen(before):
+            t = type(before)
+            if (
+                t not in atoms
+                and before is not MISSING
+                and (t is dict or t is list or not frozen(before))
+            ):
                 # As in reduce: the call sees a copy, `before` stays untouched for a
                 # failed call to go back to.
-                cache[pk] = copy_state(before)
+                try:
+                    cache[pk] = dec(enc(before))
+                except Exception:
+                    cache[pk] = copy_state(before)
             try:
                 res = fn(v, state)
                 if res is None:

@@ -84,6 +84,11 @@ def load_state(raw: bytes) -> Any:
     return _state_dec.decode(raw)
 
 
+# The bare codec, for the executor's per-record copies (a call less than copy_state).
+encode_state = _state_enc.encode
+decode_state = _state_dec.decode
+
+
 def copy_state(value: Any) -> Any:
     """A deep copy of a state value for a user function to mutate, as the store would
     give it back (tuples come back as lists, Structs as dicts, as after a restart).
@@ -92,7 +97,7 @@ def copy_state(value: Any) -> Any:
     and the record that made it becomes a dead letter, but until then a failed call must
     not leak into it either."""
     try:
-        return _state_dec.decode(_state_enc.encode(value))
+        return decode_state(encode_state(value))
     except (TypeError, ValueError, OverflowError):
         try:
             return copy.deepcopy(value)
