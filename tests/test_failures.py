@@ -265,3 +265,67 @@ def test_an_output_key_that_cannot_be_partitioned_is_a_dead_letter(
     assert sorted(r.key or "" for r in read_all(store, "by-acct")) == ["x", "y"]
     ((off, step, err),) = dead_letters(store)
     assert off == 1 and step.endswith(":encode") and "UnicodeEncodeError" in err
+
+
+def test_a_step_that_meets_an_outage_runs_again_instead_of_dead_lettering(
+    embedded_store: str,
+) -> None:
+    """UnavailableError from a user function is an outage too, never a dead letter."""
+    store = embedded_store
+    calls = {"n": 0}
+
+    def rate(v: int) -> int:
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            raise UnavailableError("the rates service is unreachable")
+        return v * 2
+
+    with Producer(store) as p:
+        p.send_batch("in", [("k", i, None) for i in range(5)])
+    app = App("app", store=store)
+    app.source("in").map(rate).to("out")
+    app.run(until_idle=True)
+    assert values(store, "out") == [0, 2, 4, 6, 8]
+    assert read_all(store, "app.dead-letters") == []
+
+
+def test_a_delivery_that_fails_after_the_commit_is_recovered_in_process(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FileSink's directory disappears (an unmounted volume) after a commit: delivery
+    fails after the store committed. The App reopens its session as a restart would,
+    waits until the directory is back, then delivers every line once."""
+    store = str(tmp_path / "store.db")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    away = tmp_path / "away"
+    with Producer(store) as p:
+        p.send_batch("in", [("k", i, None) for i in range(20)])
+    from onceflow import FileSink
+
+    class Unmount(Hooks):
+        done = False
+
+        def commit_finished(self, epoch: int, n_in: int, n_out: int, secs: float) -> None:
+            if not self.done:
+                self.done = True
+                out_dir.rename(away)
+
+    class Remount(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "waiting" in record.getMessage():
+                away.rename(out_dir)
+
+    app = App("app", store=store, commit_every=5, max_batch=5, hooks=[Unmount()])
+    app.source("in").sink(FileSink(out_dir / "lines.jsonl"))
+    handler = Remount()
+    logging.getLogger("onceflow").addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="onceflow"):
+            app.run(until_idle=True)
+    finally:
+        logging.getLogger("onceflow").removeHandler(handler)
+    lines = (out_dir / "lines.jsonl").read_text().splitlines()
+    assert [int(x) for x in lines] == list(range(20))
+    assert messages(caplog, "waiting") == 1
+    assert messages(caplog, "is back") == 1

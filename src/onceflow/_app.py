@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._checkpoint import AfterCommitError, Checkpoint, EpochFailed
+from ._checkpoint import AfterCommitError, Checkpoint, EpochFailed, is_outage
 from ._crash import CrashInjector, from_env
 from ._dataflow import STATEFUL, Step, Stream, signature, validate
 from ._effects import EffectSink
@@ -287,17 +287,23 @@ class App:
         restore = self._install_signals()
         gc_restore = self._tune_gc()
         outage = _Outage(self.name, self._stop)
+        restarting = False
         try:
             while True:
                 try:
                     self._run_session(hooks, crash, until_idle, deadline, outage, t_start)
                     break
-                except (UnavailableError, AfterCommitError) as exc:
+                except Exception as exc:
                     # At start (a broker, a database not reachable yet), or after a commit
                     # whose follow-up failed: start over as a restart would, which also
                     # recovers what the follow-up left (outbox, prepared transactions,
-                    # local state stores).
-                    if isinstance(exc, AfterCommitError) and not exc.outage:
+                    # local state stores). Until a session ran, only an UnavailableError
+                    # is waited for: another failure to start is a configuration's.
+                    if isinstance(exc, AfterCommitError):
+                        if not exc.outage:
+                            raise
+                        restarting = True
+                    elif not (isinstance(exc, UnavailableError) or (restarting and is_outage(exc))):
                         raise
                     if self._stop.is_set():
                         break

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._dataflow import Step
-from ._errors import UserFunctionError
+from ._errors import FencedError, UnavailableError, UserFunctionError
 from ._records import Columns
 from ._serde import copy_state, decode_state, dump_state, encode_state, encoder_for, load_state
 from ._sqlite import partition_for
@@ -251,6 +251,9 @@ class Executor:
     # -- failure --------------------------------------------------------------------
 
     def _fail(self, step: Step, batch: Batch, i: int, exc: BaseException, what: str = "") -> None:
+        if isinstance(exc, (UnavailableError, FencedError)):
+            # An outage is not the record's fault: the App waits and runs it again.
+            raise exc
         if self.on_error == "stop":
             raise UserFunctionError(
                 step.name, batch.topic, batch.parts[i], batch.offs[i], exc
