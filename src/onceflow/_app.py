@@ -67,13 +67,15 @@ class _Outage:
         self.attempts += 1
         if self.since is None:
             self.since = time.monotonic()
+            # Our own wrappers say what failed and why; others need their type.
+            ours = isinstance(exc, (CommitError, AfterCommitError))
+            what = str(exc) if ours else f"{type(exc).__name__}: {exc}"
             log.warning(
-                "app '%s' cannot go on: %s: %s. It is waiting and retrying with backoff, "
-                "as long as it takes; nothing is lost or repeated. Operator action: bring "
-                "back the store, broker or service named above",
+                "app '%s' cannot go on: %s. It is waiting and retrying with backoff, as long "
+                "as it takes; nothing is lost or repeated. Operator action: bring back the "
+                "store, broker or service named above",
                 self.app,
-                type(exc).__name__,
-                exc,
+                what,
             )
         else:
             log.debug("app '%s': attempt %d failed: %s", self.app, self.attempts, exc)
