@@ -13,6 +13,7 @@ from onceflow import (
     App,
     CallbackSink,
     ConfigError,
+    Hooks,
     Producer,
     SinkGuaranteeError,
     State,
@@ -352,3 +353,136 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: An
 def test_app_without_source_is_refused(app_factory: Factory) -> None:
     with pytest.raises(ConfigError, match="no source"):
         app_factory().build()
+
+
+def test_dedupe_replays_and_shared_topics_keep_input_order(
+    store: str, app_factory: Factory
+) -> None:
+    """A replay sits where its duplicate was among the other outputs, and two steps
+    writing one topic interleave as their inputs did: the order does not depend on how
+    the records were cut into batches."""
+    with Producer(store) as p:
+        p.send_batch(
+            "in",
+            [
+                ("k", {"pid": "A", "n": 1}, "A"),
+                ("k", {"pid": "A", "n": 9}, "A"),
+                ("k", {"pid": "B", "n": 2}, "B"),
+            ],
+        )
+        p.send_batch("in2", [("k", 1, None), ("k", 2, None)])
+    app = app_factory()
+    (
+        app.source("in")
+        .dedupe(name="pay", ttl=60, replay_to="answers")
+        .map(lambda v: {"pid": v["pid"], "n": v["n"]})
+        .to("answers")
+    )
+    both = app.source("in2")
+    both.map(lambda v: f"a{v}").to("both")
+    both.map(lambda v: f"b{v}").to("both")
+    app.run(until_idle=True)
+    answers = [
+        (json.loads(r.value), bool(r.headers and r.headers.get("onceflow-replay")))
+        for r in read_all(store, "answers")
+    ]
+    assert answers == [
+        ({"pid": "A", "n": 1}, False),
+        ({"pid": "A", "n": 1}, True),
+        ({"pid": "B", "n": 2}, False),
+    ]
+    assert [r.value for r in read_all(store, "both")] == [b"a1", b"b1", b"a2", b"b2"]
+
+
+def test_failed_calls_leave_no_trace_inside_tuples(store: str, app_factory: Factory) -> None:
+    """A tuple is immutable, the list inside it is not: a call that mutated it and then
+    raised must leave the state as it was, for process and for aggregate. And an
+    accumulator mutated in place must not change an output emitted before."""
+
+    def tally(value: Any, state: State) -> list[Any]:
+        count, items = state.get((0, []))
+        items.append(value["n"])  # mutates the list inside the stored tuple
+        state.value = (count + 1, items)
+        if value["n"] < 0:
+            raise ValueError("negative")
+        return [[count + 1, list(items)]]
+
+    def add(acc: Any, v: Any) -> Any:
+        acc[1].append(v["n"])
+        if v["n"] < 0:
+            raise ValueError("negative")
+        return (acc[0] + 1, acc[1])
+
+    def append(acc: list[int], v: Any) -> list[int]:
+        acc.append(v["n"])
+        return acc
+
+    produce(store, "in", [{"n": 1}, {"n": -1}, {"n": 2}], key=lambda v: "k")
+    app = app_factory()
+    s = app.source("in")
+    s.process(name="p", fn=tally).to("p-out")
+    s.aggregate(name="a", initial=lambda: (0, []), fn=add).to("a-out")
+    s.aggregate(name="l", initial=list, fn=append).to("l-out")
+    app.run(until_idle=True)
+    assert values(store, "p-out") == [[1, [1]], [2, [1, 2]]]
+    assert values(store, "a-out") == [[1, [1]], [2, [1, 2]]]
+    assert values(store, "l-out") == [[1], [1, -1], [1, -1, 2]]
+    assert len(read_all(store, "app.dead-letters")) == 2
+
+
+def _capture_checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The Checkpoint of each App run, to look at its in-memory caches."""
+    import onceflow._app as app_module
+
+    made: list[Any] = []
+
+    class Recorded(app_module.Checkpoint):  # type: ignore[misc, name-defined]
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(app_module, "Checkpoint", Recorded)
+    return made
+
+
+def test_dedupe_cache_is_bounded_like_the_state_cache(
+    store: str, app_factory: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = _capture_checkpoints(monkeypatch)
+    sizes: list[int] = []
+
+    class Measure(Hooks):
+        def commit_finished(self, epoch: int, n_in: int, n_out: int, secs: float) -> None:
+            sizes.append(len(made[-1].dedups["d"].seen))
+
+    produce(store, "in", list(range(300)), ids=True)
+    app = app_factory(state_cache_keys=20, commit_every=10, max_batch=10, hooks=[Measure()])
+    app.source("in").dedupe(name="d", ttl=3600).to("out")
+    app.run(until_idle=True)
+    assert len(read_all(store, "out")) == 300
+    assert len(sizes) >= 30
+    # At most the bound plus one epoch's new ids, whatever went through.
+    assert max(sizes) <= 20 + 10
+
+
+def test_purged_dedupe_ids_are_forgotten_in_memory_and_after_a_move(
+    store: str, backend: str, app_factory: Factory, tmp_path: Any
+) -> None:
+    """After retention purged an id from the store, the running App forgets it too, and
+    so does a worker that rebuilds the partition's state (on Kafka, from the changelog,
+    where the purge wrote tombstones)."""
+    with Producer(store) as p:
+        p.send_batch("in", [(None, i, f"id-{i}") for i in range(60)])
+        p.send("in", 0, id="id-0")  # purged by max_keys=5 at the 50th commit
+    app = app_factory(commit_every=1, max_batch=1)
+    app.source("in").dedupe(name="d", max_keys=5).to("out")
+    app.run(until_idle=True)
+    assert len(read_all(store, "out")) == 61
+    with Producer(store, producer_id="later") as p:
+        p.send("in", 1, id="id-1")  # purged: passes again
+        p.send("in", 59, id="id-59")  # kept: a duplicate
+    # A fresh state directory: the partition's state comes from the changelog alone.
+    moved = app_factory(commit_every=1, max_batch=1, state_dir=str(tmp_path / "moved"))
+    moved.source("in").dedupe(name="d", max_keys=5).to("out")
+    moved.run(until_idle=True)
+    assert values(store, "out")[61:] == [1]

@@ -2,27 +2,36 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
+import random
 import signal
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._checkpoint import Checkpoint
+from ._checkpoint import AfterCommitError, Checkpoint, EpochFailed, is_outage
 from ._crash import CrashInjector, from_env
 from ._dataflow import STATEFUL, Step, Stream, signature, validate
 from ._effects import EffectSink
 from ._embedded import EmbeddedSession
-from ._errors import CommitError, ConfigError, SinkGuaranteeError, UnavailableError
+from ._errors import (
+    CommitError,
+    ConfigError,
+    FencedError,
+    SinkGuaranteeError,
+    UnavailableError,
+    UserFunctionError,
+)
 from ._hooks import Hooks, _Fanout
 from ._kafka_common import KafkaURL, is_kafka
-from ._runtime import DedupStep, Executor
+from ._runtime import Batch, DedupStep, Epoch, Executor
 from ._serde import Encoding, decoder_for
 from ._settings import Settings
 from ._sinks import Sink
@@ -33,9 +42,75 @@ log = logging.getLogger("onceflow")
 
 Guarantee = Literal["exactly-once", "at-least-once"]
 
-# A commit that keeps failing for reasons other than fencing (disk full, a corrupt
-# file) is retried this many times, rewinding each time, before the App gives up.
-_MAX_FAILED_COMMITS = 5
+# Waits between attempts during an outage: from the first to the longest, doubling,
+# with jitter so that the workers of a cluster do not all retry at one moment. The
+# longest is short enough that a Kafka worker still polls its consumer (it stays in
+# its group) and that an outage's end is noticed soon.
+_BACKOFF_FIRST_S = 0.05
+_BACKOFF_MAX_S = 5.0
+# The statement of a commit that no record's content can make fail: a failure there is
+# an outage whatever the exception says (step 5b of `_checkpoint.py`).
+_NOT_A_RECORD = ("commit:begin", "commit:fence", "commit:offsets")
+
+
+class _Outage:
+    """Waits out an outage (step 5b): says so once when it starts and once when it is
+    over, backs off, and returns at once when the App is asked to stop."""
+
+    def __init__(self, app: str, stop: threading.Event) -> None:
+        self.app = app
+        self.stop = stop
+        self.since: float | None = None
+        self.attempts = 0
+
+    def wait(self, exc: BaseException) -> None:
+        self.attempts += 1
+        if self.since is None:
+            self.since = time.monotonic()
+            # Our own wrappers say what failed and why; others need their type.
+            ours = isinstance(exc, (CommitError, AfterCommitError))
+            what = str(exc) if ours else f"{type(exc).__name__}: {exc}"
+            log.warning(
+                "app '%s' cannot go on: %s. It is waiting and retrying with backoff, as long "
+                "as it takes; nothing is lost or repeated. Operator action: bring back the "
+                "store, broker or service named above",
+                self.app,
+                what,
+            )
+        else:
+            log.debug("app '%s': attempt %d failed: %s", self.app, self.attempts, exc)
+        delay = min(_BACKOFF_MAX_S, _BACKOFF_FIRST_S * 2 ** min(self.attempts - 1, 16))
+        deadline = time.monotonic() + delay * random.uniform(0.5, 1.0)
+        # Short sleeps, not Event.wait: stop() comes from a signal handler, and
+        # Event.set in a handler that interrupted Event.wait in the same thread can
+        # deadlock on the event's lock.
+        while not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(0.05, left))
+
+    def over(self) -> None:
+        if self.since is not None:
+            log.warning(
+                "app '%s' is back after %.1fs and %d failed attempts; resuming",
+                self.app,
+                time.monotonic() - self.since,
+                self.attempts,
+            )
+            self.since = None
+            self.attempts = 0
+
+
+@dataclass
+class _Narrowing:
+    """Step 5c under way: epochs of at most `size` records, until the record whose epoch
+    fails alone is found, or `left` more records committed without a failure (the
+    failure did not come back). `batches` are the current epoch's, to name the record."""
+
+    size: int
+    left: int
+    batches: list[Batch] = field(default_factory=list)
 
 
 @dataclass
@@ -207,12 +282,59 @@ class App:
         is drained and committed. Returns what the committed epochs did."""
         self.build()
         t_start = time.monotonic()
+        deadline = None if timeout is None else t_start + timeout
         hooks = _Fanout(self.hooks)
         crash = self._crash or from_env()
         self.stats = RunStats()
         restore = self._install_signals()
         gc_restore = self._tune_gc()
+        outage = _Outage(self.name, self._stop)
+        restarting = False
+        try:
+            while True:
+                try:
+                    self._run_session(hooks, crash, until_idle, deadline, outage, t_start)
+                    break
+                except Exception as exc:
+                    # At start (a broker, a database not reachable yet), or after a commit
+                    # whose follow-up failed: start over as a restart would, which also
+                    # recovers what the follow-up left (outbox, prepared transactions,
+                    # local state stores). Until a session ran, only an UnavailableError
+                    # is waited for: another failure to start is a configuration's.
+                    if isinstance(exc, AfterCommitError):
+                        if not exc.outage:
+                            raise
+                        restarting = True
+                    elif not (isinstance(exc, UnavailableError) or (restarting and is_outage(exc))):
+                        raise
+                    if self._stop.is_set():
+                        break
+                    outage.wait(exc)
+                    if self._stop.is_set() or (
+                        deadline is not None and time.monotonic() > deadline
+                    ):
+                        break
+        finally:
+            gc_restore()
+            restore()
+            # Cleared at the end, not the start: a stop() that came before run() counts.
+            self._stop.clear()
+        self.stats.seconds = time.monotonic() - t_start
+        return self.stats
+
+    def _run_session(
+        self,
+        hooks: _Fanout,
+        crash: Callable[[str], None],
+        until_idle: bool,
+        deadline: float | None,
+        outage: _Outage,
+        t_start: float,
+    ) -> None:
+        """One session on the store: start (acquire, recover), the epoch loop, stop."""
         session: Any = None
+        sinks: dict[str, Sink] = {}
+        done = False
         try:
             session = self._open_session()
             session.ensure_topics(self._topics())
@@ -231,7 +353,11 @@ class App:
             }
             dedups = {
                 s.name: DedupStep(
-                    s.name, s.options["ttl"], s.options["max_keys"], s.options["replay_to"]
+                    s.name,
+                    s.options["ttl"],
+                    s.options["max_keys"],
+                    s.options["replay_to"],
+                    self.state_cache_keys,
                 )
                 for s in self._steps
                 if s.kind == "dedupe"
@@ -276,20 +402,21 @@ class App:
             )
             cp.committed_positions = dict(positions)
             self._wire_rebalances(session, cp, executor)
+            outage.over()
             hooks.recovered(time.monotonic() - t_start, dict(positions))
             roots = {s.options["topic"]: s for s in self._sources}
-            self._loop(session, executor, cp, roots, positions, crash, until_idle, timeout)
+            self._loop(session, executor, cp, roots, positions, crash, until_idle, deadline, outage)
+            done = True
             for sink in sinks.values():
                 sink.close()
         finally:
-            gc_restore()
-            restore()
+            if not done and sinks and not self._stop.is_set():
+                # Opened again by the next session of this run.
+                for sink in sinks.values():
+                    with contextlib.suppress(Exception):
+                        sink.close()
             if session is not None:
                 session.close()
-            # Cleared at the end, not the start: a stop() that came before run() counts.
-            self._stop.clear()
-        self.stats.seconds = time.monotonic() - t_start
-        return self.stats
 
     def _open_session(self) -> Any:
         """The backend named by the store: a kafka:// URL, or else a SQLite file."""
@@ -301,7 +428,7 @@ class App:
             worker = self.worker if self.worker is not None else settings.worker
             state_dir = self.state_dir or settings.state_dir
             url = KafkaURL.parse(self.store)
-            return KafkaSession(
+            session: Any = KafkaSession(
                 url,
                 self.name,
                 worker=worker,
@@ -313,6 +440,12 @@ class App:
                 step_topics=self._step_topics(),
                 topic_partitions=self.partitions,
             )
+            if not hasattr(session, "is_transient"):
+                from ._kafka_common import is_outage
+
+                # Which client errors are the cluster's passing state (step 5b).
+                session.is_transient = is_outage
+            return session
         return EmbeddedSession(SQLiteStore(store_path(self.store)), self.name, owner)
 
     def _open_sinks_on_kafka(self, session: Any, sinks: dict[str, Sink], crash: Any) -> None:
@@ -438,61 +571,154 @@ class App:
         positions: dict[tuple[str, int], int],
         crash: Callable[[str], None],
         until_idle: bool,
-        timeout: float | None,
+        deadline: float | None,
+        outage: _Outage,
     ) -> None:
-        deadline = None if timeout is None else time.monotonic() + timeout
+        """Steps 1-3 of the protocol, and step 5 after a failure (`_checkpoint.py`)."""
         last_commit = time.monotonic()
-        failures = 0
-        outage = 0.0
+        narrowing: _Narrowing | None = None
+        rewind = False
+        ep = executor.epoch
         while not self._stop.is_set():
             if deadline is not None and time.monotonic() > deadline:
                 break
-            batches = session.poll(positions, self.max_batch)
-            if batches:
-                crash("after_poll")
-                for i, b in enumerate(batches):
-                    root = roots[b.topic]
-                    executor.run(root, b, root.fn)
-                    if i == 0:
-                        crash("mid_batch")
-                positions.update(executor.epoch.positions)
-            ep = executor.epoch
-            due = (
-                ep.records_in >= self.commit_every
-                or time.monotonic() - last_commit >= self.commit_interval
-            )
-            if ep.records_in and (due or not batches):
-                try:
+            try:
+                if rewind:
+                    positions.clear()
+                    positions.update(session.rewind())
+                    rewind = False
+                limit = self.max_batch
+                if narrowing is not None:
+                    limit = max(1, min(limit, narrowing.size - executor.epoch.records_in))
+                batches = session.poll(positions, limit)
+                if batches:
+                    crash("after_poll")
+                    for i, b in enumerate(batches):
+                        root = roots[b.topic]
+                        executor.run(root, b, root.fn)
+                        if i == 0:
+                            crash("mid_batch")
+                    if narrowing is not None:
+                        narrowing.batches.extend(batches)
+                    positions.update(executor.epoch.positions)
+                ep = executor.epoch
+                every = self.commit_every if narrowing is None else narrowing.size
+                due = (
+                    ep.records_in >= every or time.monotonic() - last_commit >= self.commit_interval
+                )
+                if ep.records_in and (due or not batches):
                     self._commit(cp, ep)
-                    failures = outage = 0
-                except UnavailableError as exc:
-                    # The epoch was dropped; the system that is away says so once. Wait,
-                    # then redo the epoch from the last commit.
-                    log.debug("waiting out an outage: %s", exc)
-                    positions.clear()
-                    positions.update(session.rewind())
-                    outage = min(max(outage * 2, 0.1), 5.0)
-                    self._stop.wait(outage)
-                except CommitError as exc:
-                    failures += 1
-                    log.error("%s (attempt %d of %d)", exc, failures, _MAX_FAILED_COMMITS)
-                    positions.clear()
-                    positions.update(session.rewind())
-                    if failures >= _MAX_FAILED_COMMITS:
-                        raise
-                    time.sleep(0.05 * failures)
+                    outage.over()
+                    last_commit = time.monotonic()
+                    if narrowing is not None:
+                        narrowing.batches = []
+                        narrowing.left -= ep.records_in
+                        if narrowing.left <= 0:
+                            log.info("app '%s': the failure did not come back", self.name)
+                            narrowing = None
+                elif not batches:
+                    if until_idle and session.idle():
+                        break
+                    for sink in cp.sinks.values():
+                        sink.retry_pending()
+                    session.wait_for_data(min(0.05, self.commit_interval), self._stop)
+            except EpochFailed as exc:
+                # Step 4 is done: the epoch was rewound in memory; the positions follow.
+                rewind = True
                 last_commit = time.monotonic()
-            elif not batches:
-                if until_idle and session.idle():
-                    break
-                for sink in cp.sinks.values():
-                    sink.retry_pending()
-                session.wait_for_data(min(0.05, self.commit_interval), self._stop)
+                if exc.outage or exc.step in _NOT_A_RECORD:
+                    if narrowing is not None:
+                        narrowing.batches = []
+                    outage.wait(exc)
+                else:
+                    narrowing = self._narrow(narrowing, exc, ep, executor, cp, outage)
+            except (FencedError, UserFunctionError, AfterCommitError):
+                raise
+            except Exception as exc:
+                # Polling or running failed (a store read, a broker), not a commit.
+                if not cp.is_outage(exc):
+                    raise
+                cp.abort()
+                rewind = True
+                if narrowing is not None:
+                    narrowing.batches = []
+                outage.wait(exc)
+        if rewind:
+            return  # stopped while waiting: nothing in memory to commit
         try:
             self._commit(cp, executor.epoch)
-        except UnavailableError as exc:
-            # Stopping during an outage: the epoch is dropped, redone by the next run.
-            log.warning("stopping without the last epoch: %s", exc)
+        except EpochFailed as exc:
+            # Stopping: no waiting. Its records are read again by the next run.
+            log.warning("app '%s' stops with its last epoch uncommitted: %s", self.name, exc)
+
+    def _narrow(
+        self,
+        narrowing: _Narrowing | None,
+        exc: EpochFailed,
+        failed: Epoch,
+        executor: Executor,
+        cp: Checkpoint,
+        outage: _Outage,
+    ) -> _Narrowing | None:
+        """Step 5c after an epoch failed for what may be a record: halve the epochs, and
+        once an epoch of one record failed, commit that record as a dead letter."""
+        n = failed.records_in
+        if (
+            narrowing is not None
+            and n == 1
+            and len(narrowing.batches) == 1
+            and len(narrowing.batches[0].offs) == 1
+        ):
+            batch = narrowing.batches[0]
+            narrowing.batches = []
+            if self._dead_letter_epoch(batch, exc, executor, cp, outage):
+                return None
+            return narrowing
+        if narrowing is None:
+            log.warning(
+                "app '%s': an epoch of %d records fails to commit at %s (%s); committing its "
+                "records in smaller epochs to find the one that causes it",
+                self.name,
+                n,
+                exc.step,
+                exc.__cause__ or exc,
+            )
+        # One record alone (not seen alone yet) runs once more on its own: a record
+        # becomes a dead letter only after it failed an epoch by itself.
+        return _Narrowing(size=max(1, n // 2), left=max(n, 1))
+
+    def _dead_letter_epoch(
+        self, batch: Batch, exc: EpochFailed, executor: Executor, cp: Checkpoint, outage: _Outage
+    ) -> bool:
+        """The record of `batch` failed an epoch alone: commit it as a dead letter with
+        its offset, and nothing else of it. Whether that committed."""
+        cause = exc.__cause__ or exc
+        error = f"{type(cause).__name__}: {cause}"
+        step, _, what = exc.step.rpartition(":")
+        where = f"{batch.topic}[{batch.parts[0]}]@{batch.offs[0]}"
+        if self.on_error == "stop":
+            raise UserFunctionError(
+                exc.step, batch.topic, batch.parts[0], batch.offs[0], cause
+            ) from exc
+        log.error(
+            "app '%s': record %s fails every commit at %s (%s); it goes to '%s' and the "
+            "pipeline goes on. Operator action: fix the record or the pipeline, then "
+            "re-send it from the dead letters",
+            self.name,
+            where,
+            exc.step,
+            error,
+            self.dead_letter_topic,
+        )
+        executor.epoch = Epoch()
+        executor.dead_letter(batch, 0, step, what, error)
+        try:
+            self._commit(cp, executor.epoch)
+        except EpochFailed as again:
+            # Not the record then: the store or a service is failing (step 5b).
+            outage.wait(again)
+            return False
+        return True
 
     def _commit(self, cp: Checkpoint, ep: Any) -> None:
         n_in, dups, dead = ep.records_in, ep.duplicates, ep.dead_letters

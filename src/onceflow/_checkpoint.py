@@ -6,19 +6,35 @@ One epoch:
 2. Run the operators in memory. State writes, dedup keys, outputs, sink rows and dead
    letters go to the epoch buffer (`Epoch`, the `StepState` dirty sets, the `DedupStep`
    new ids); nothing durable changes.
-3. Checkpoint, when the commit interval or the record count is reached, or on shutdown:
+3. Checkpoint, when the commit interval or the record count is reached, or on shutdown
+   (sinks of other systems first write and prepare their part: two-phase commit):
    3a. open the backend transaction;
    3b. check the fencing epoch of every held partition (a zombie stops here);
    3c. write outputs and dead letters;
-   3d. write state changes and dedup keys, and apply dedup retention;
+   3d. write state changes; apply dedup retention (on Kafka as changelog tombstones in
+       this transaction, so that a restored partition forgets the same ids), then write
+       the epoch's dedup keys;
    3e. let transactional and idempotent sinks write their rows (idempotent ones into
        the outbox);
    3f. write the input offsets, which only ever move forward;
    3g. commit.
    Then, once durable: idempotent sinks deliver from the outbox, caches are marked clean.
+   A failure there does not undo the commit: the App reopens its session, as a restart
+   would, and that recovers what was left (outbox, prepared transactions, local stores).
 4. On any failure before 3g returns: abort, drop the epoch buffer, reload state and
    rewind positions to the last commit. If 3g itself raised, the outcome is unknown:
    re-read the committed offsets to find out what happened, never retry blindly.
+5. Then, by the failure's cause (`is_outage`):
+   5a. fenced (`FencedError`): stop, commit nothing more;
+   5b. an outage (`UnavailableError`, a store or broker error, an OS error, a database's
+       OperationalError): wait with backoff and run the epoch again, as long as it
+       takes; the App says so once when it starts and once when it is over;
+   5c. anything else may be a record's doing (state that cannot be encoded, a row a
+       sink refuses): run the same inputs again in epochs of half the size, until an
+       epoch of one record fails; commit that record alone as a dead letter, with the
+       error, the step of the commit that failed and the source offset, and its offset;
+       go on with full epochs. If that dead-letter epoch fails too, it was not the
+       record: 5b.
 
 Paranoid checks: an epoch number commits at most once, and offsets never move back
 (checked again inside the transaction by the store).
@@ -29,15 +45,56 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from ._crash import SimulatedCrash
-from ._errors import CommitError, FencedError, UnavailableError
+from ._errors import CommitError, FencedError, OnceflowError, StoreError, UnavailableError
 from ._runtime import DedupStep, Epoch, Executor
 from ._sinks import Sink
 from ._state import StepState
 
 log = logging.getLogger("onceflow")
+
+# Causes that are the state of a system, not of a record (step 5b). A DB-API 2.0
+# OperationalError (PEP 249: "not necessarily under the control of the programmer": a
+# lost connection, a lock timeout, a full disk) counts too, from whichever driver.
+_OUTAGES = (UnavailableError, StoreError, OSError)
+
+
+def is_outage(exc: BaseException, extra: Callable[[BaseException], bool] | None = None) -> bool:
+    """Whether a failure is an outage to wait out (5b) rather than possibly caused by a
+    record (5c). The whole chain of causes counts: a clear error raised from a broker
+    timeout is still the timeout. `extra` is a backend's own judgement of its errors."""
+    e: BaseException | None = exc
+    for _ in range(16):
+        if e is None or isinstance(e, FencedError):
+            return False
+        if isinstance(e, _OUTAGES) or (extra is not None and extra(e)):
+            return True
+        if any(c.__name__ == "OperationalError" for c in type(e).__mro__):
+            return True
+        e = e.__cause__
+    return False
+
+
+class EpochFailed(CommitError):
+    """An epoch did not commit and was rewound (step 4). `step` is where it failed
+    (`<stateful step>:state`, `<sink>:write`, `commit:outputs`, ...), `outage` whether
+    the cause is an outage (5b) rather than possibly a record (5c)."""
+
+    def __init__(self, message: str, *, step: str, outage: bool) -> None:
+        super().__init__(message)
+        self.step = step
+        self.outage = outage
+
+
+class AfterCommitError(OnceflowError):
+    """The epoch committed, but the work after the commit (a sink's delivery, the local
+    state stores) failed. `outage` as in `EpochFailed`."""
+
+    def __init__(self, message: str, *, outage: bool) -> None:
+        super().__init__(message)
+        self.outage = outage
 
 
 class Checkpoint:
@@ -68,6 +125,12 @@ class Checkpoint:
         self.committed_positions: dict[tuple[str, int], int] = {}
         self.commits = 0
         self._purge_every = 50
+        self._outage_hook: Callable[[BaseException], bool] | None = getattr(
+            session, "is_transient", None
+        )
+
+    def is_outage(self, exc: BaseException) -> bool:
+        return is_outage(exc, self._outage_hook)
 
     def commit(self) -> bool:
         """Steps 3a-3g and the after-commit work. True when something was committed."""
@@ -85,18 +148,32 @@ class Checkpoint:
         self.crash("before_commit")
         s = self.session
         if ep.sink_rows:
-            self._prepare_sinks(ep, s)
-        conn = s.begin()  # 3a
+            self._prepare_sinks(ep, s, epoch_no)
+        try:
+            conn = s.begin()  # 3a
+        except BaseException as exc:
+            self._raise_failed(epoch_no, exc, "commit:begin")
         committed = False
+        step = "commit"
+        outcomes: dict[str, dict[tuple[int, str], bytes | None]] = {}
+        purged: dict[str, int] = {}
         try:
             if self.exactly_once:
+                step = "commit:fence"
                 s.check_fence(conn)  # 3b
+            step = "commit:outputs"
             s.write_outputs(conn, ep.outputs)  # 3c, dead letters included
             for name, st in self.states.items():  # 3d
                 if st.dirty:
+                    step = f"{name}:state"
                     s.write_state(conn, name, st.drain())
-            outcomes: dict[str, dict[tuple[int, str], bytes | None]] = {}
+            purge = self.commits % self._purge_every == 0
             for name, d in self.dedups.items():
+                step = f"{name}:dedup"
+                if purge:
+                    # Before the epoch's ids: one seen again now has a new time, and its
+                    # new record must outlive the purge of its old one.
+                    purged[name] = s.purge_dedup(conn, name, d.ttl, d.max_keys)
                 if d.new:
                     outcomes[name] = self.executor.outcomes(d)
                     s.write_dedup(
@@ -107,13 +184,14 @@ class Checkpoint:
                             for (p, i), (seen, _) in d.new.items()
                         ],
                     )
-                if self.commits % self._purge_every == 0:
-                    s.purge_dedup(conn, name, d.ttl, d.max_keys)
             for name, rows in ep.sink_rows.items():  # 3e
+                step = f"{name}:write"
                 self.sinks[name].write(conn, rows)
             if self.exactly_once:
+                step = "commit:offsets"
                 s.write_positions(conn, ep.positions)  # 3f
             self.crash("in_transaction")
+            step = "commit"
             try:
                 s.commit(conn)  # 3g
                 committed = True
@@ -128,15 +206,7 @@ class Checkpoint:
         except BaseException as exc:
             if not committed:
                 s.rollback(conn)
-                self._abort_sinks()
-                self.hooks.commit_failed(epoch_no, exc)
-                self.abort()
-                if isinstance(exc, (FencedError, CommitError, SimulatedCrash)):
-                    raise
-                raise CommitError(
-                    f"epoch {epoch_no} did not commit ({type(exc).__name__}: {exc}); "
-                    "rewound to the last commit"
-                ) from exc
+                self._raise_failed(epoch_no, exc, step)
             raise
         if not self.exactly_once and hasattr(s, "commit_offsets"):
             # At-least-once on Kafka: offsets through the group after the transaction.
@@ -156,35 +226,53 @@ class Checkpoint:
         self.commits += 1
         self.committed_positions.update(ep.positions)
         self.crash("after_commit")
-        for name, d in self.dedups.items():
-            for pk, (seen, _) in d.new.items():
-                d.seen[pk] = (seen, outcomes.get(name, {}).get(pk))
-            d.new.clear()
-        s.after_commit()
-        for st in self.states.values():
-            st.committed()
-        store_conn: Any = s.store.conn if hasattr(s, "store") else None
-        for name, rows in ep.sink_rows.items():
-            self.sinks[name].after_commit(store_conn, rows)
+        try:
+            for name, d in self.dedups.items():
+                d.committed(outcomes.get(name, {}), bool(purged.get(name)))
+            s.after_commit()
+            for st in self.states.values():
+                st.committed()
+            store_conn: Any = s.store.conn if hasattr(s, "store") else None
+            for name, rows in ep.sink_rows.items():
+                self.sinks[name].after_commit(store_conn, rows)
+        except FencedError:
+            raise
+        except Exception as exc:
+            raise AfterCommitError(
+                f"epoch {epoch_no} committed, but the work after its commit failed "
+                f"({type(exc).__name__}: {exc})",
+                outage=self.is_outage(exc),
+            ) from exc
         n_out = ep.records_out - ep.dead_letters
         self.executor.epoch = Epoch()
         self.hooks.commit_finished(epoch_no, ep.records_in, n_out, time.monotonic() - t0)
         return True
 
-    def _prepare_sinks(self, ep: Epoch, s: Any) -> None:
+    def _prepare_sinks(self, ep: Epoch, s: Any, epoch_no: int) -> None:
         """Before 3a: sinks of other systems write and prepare (two-phase commit); the
         store's transaction then records what they prepared."""
+        name = ""
         try:
             for name, rows in ep.sink_rows.items():
                 self.sinks[name].prepare(rows, ep.positions, s.fence_token())
         except BaseException as exc:
-            self._abort_sinks()
-            self.abort()
-            # An outage is waited out by the App, not counted as a failed commit.
-            if isinstance(exc, (FencedError, SimulatedCrash, UnavailableError)):
-                raise
-            raise CommitError(f"a sink could not prepare the epoch: {exc}") from exc
+            self._raise_failed(epoch_no, exc, f"{name}:prepare")
         self.crash("sink_prepared")
+
+    def _raise_failed(self, epoch_no: int, exc: BaseException, step: str) -> NoReturn:
+        """Step 4 for a failure before 3g returned (the transaction, if one was open,
+        is rolled back already), then raise what the App decides by (step 5)."""
+        self._abort_sinks()
+        self.hooks.commit_failed(epoch_no, exc)
+        self.abort()
+        if isinstance(exc, (FencedError, SimulatedCrash)) or not isinstance(exc, Exception):
+            raise exc
+        raise EpochFailed(
+            f"epoch {epoch_no} did not commit at {step} ({type(exc).__name__}: {exc}); "
+            "rewound to the last commit",
+            step=step,
+            outage=self.is_outage(exc),
+        ) from exc
 
     def _abort_sinks(self) -> None:
         for sink in self.sinks.values():

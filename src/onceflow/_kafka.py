@@ -214,18 +214,30 @@ class LocalStore:
             )
         ]
 
-    def purge_dedup(self, step: str, ttl: float | None, max_keys: int | None) -> None:
-        if ttl is not None:
-            self.conn.execute(
-                "DELETE FROM dedup WHERE step=? AND seen<?", (step, time.time() - ttl)
-            )
+    def purge_dedup(
+        self, step: str, ttl: float | None, max_keys: int | None, limit: int = 50_000
+    ) -> list[str]:
+        """The ids that a dedupe step's retention forgets now. Nothing is deleted here:
+        the caller writes their tombstones into the epoch's transaction, and they are
+        applied once it commits. At most `limit`, the rest at the next purge: the first
+        purge after a long pause (a ttl that expired millions of ids) must not put them
+        all into one transaction."""
+        cut = None if ttl is None else time.time() - ttl
         if max_keys is not None:
             row = self.conn.execute(
                 "SELECT seen FROM dedup WHERE step=? ORDER BY seen DESC LIMIT 1 OFFSET ?",
                 (step, max_keys - 1),
             ).fetchone()
             if row is not None:
-                self.conn.execute("DELETE FROM dedup WHERE step=? AND seen<?", (step, row[0]))
+                cut = row[0] if cut is None else max(cut, row[0])
+        if cut is None:
+            return []
+        return [
+            bid
+            for (bid,) in self.conn.execute(
+                "SELECT id FROM dedup WHERE step=? AND seen<? LIMIT ?", (step, cut, limit)
+            )
+        ]
 
     def counts(self) -> tuple[int, int]:
         (s,) = self.conn.execute("SELECT COUNT(*) FROM state").fetchone()
@@ -844,13 +856,18 @@ class KafkaSession:
         return 0
 
     def purge_dedup(self, txn: Any, step: str, ttl: float | None, max_keys: int | None) -> int:
-        # Local only: a purged id that a restore brings back is still checked against
-        # its timestamp, and one kept too long only makes dedupe stricter.
+        """Apply a dedupe step's retention in the epoch's transaction: a tombstone in the
+        changelog per forgotten id. A partition restored elsewhere (or here, from the
+        changelog) then forgets the same ids, and compaction can drop them for good;
+        the local stores drop them once the transaction committed. Returns how many."""
         topic = self.step_topics[step]
-        for (t, _), store in self.local.items():
+        n = 0
+        for (t, part), store in self.local.items():
             if t == topic:
-                store.purge_dedup(step, ttl, max_keys)
-        return 0
+                for bid in store.purge_dedup(step, ttl, max_keys):
+                    self._changelog_write(step, part, changelog_key(_DEDUP, step, bid), None)
+                    n += 1
+        return n
 
     def write_positions(self, txn: Any, positions: dict[tuple[str, int], int]) -> None:
         tps = [

@@ -145,3 +145,22 @@ def message_record(msg: Any, topic: str) -> Record:
         msg.timestamp()[1] / 1000.0,
         eid,
     )
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a client error is the cluster's passing state (a broker down, a
+    coordinator moving, a producer to recreate) rather than a record the broker refuses
+    whatever happens (too large, invalid), which must become a dead letter instead of
+    being waited for."""
+    ck = kafka_module()
+    if not isinstance(exc, ck.KafkaException) or not exc.args:
+        return False
+    code = getattr(exc.args[0], "code", None)
+    refused = {
+        ck.KafkaError.MSG_SIZE_TOO_LARGE,
+        ck.KafkaError.RECORD_LIST_TOO_LARGE,
+        ck.KafkaError.INVALID_RECORD,
+        ck.KafkaError.INVALID_MSG,
+        ck.KafkaError.INVALID_MSG_SIZE,
+    }
+    return callable(code) and code() not in refused

@@ -194,7 +194,7 @@ class PostgresSink(Sink):
                 f"{_first_line(exc)}. Operator action: fix the URL, role or database"
             ) from None
         if self._down:
-            log.warning("PostgreSQL at %s is reachable again", self._where())
+            log.info("PostgreSQL at %s is reachable again", self._where())
             self._down = False
         self._backoff = 0.0
         return conn
@@ -209,7 +209,9 @@ class PostgresSink(Sink):
         self._conn = None
         if not self._down:
             self._down = True
-            log.warning(
+            # Info, not a warning: the error goes up to the App, whose one warning per
+            # outage names it (two warnings for one outage would be noise to an operator).
+            log.info(
                 "PostgreSQL at %s is unreachable (%s: %s); PostgresSink '%s' waits for it "
                 "and retries with backoff, nothing is lost",
                 self._where(),

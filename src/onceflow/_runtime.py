@@ -10,20 +10,36 @@ time, to find the record that goes to the dead letters.
 from __future__ import annotations
 
 import copy
+import itertools
+import operator
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ._dataflow import Step
-from ._errors import UserFunctionError
+from ._errors import FencedError, UnavailableError, UserFunctionError
 from ._records import Columns
-from ._serde import dump_state, encoder_for, load_state
+from ._serde import copy_state, decode_state, dump_state, encode_state, encoder_for, load_state
 from ._sqlite import partition_for
-from ._state import MISSING, State, StepState
+from ._state import DEFAULT_CACHE_KEYS, MISSING, State, StepState
 
 Item = tuple[Any, Any, int]
-_IMMUTABLE = (int, float, str, bytes, bool, type(None), tuple, frozenset)
+# Values no call can change in place. Exact types: a subclass may add mutable parts.
+_ATOMS = frozenset({int, float, str, bytes, bool, type(None)})
+
+
+def frozen(value: Any) -> bool:
+    """Whether a state value is immutable all the way down: a tuple or frozenset counts
+    only if everything in it does (a list inside a tuple can be appended to)."""
+    t = type(value)
+    if t in _ATOMS:
+        return True
+    if t is tuple or t is frozenset:
+        return all(map(frozen, value))
+    return False
+
 
 REPLAY_HEADER = "onceflow-replay"
 
@@ -43,17 +59,33 @@ class Batch:
 
 @dataclass
 class DedupStep:
-    """The ids one dedupe step has seen, per (partition, id), plus this epoch's new ones."""
+    """The ids one dedupe step has seen, per (partition, id), plus this epoch's new ones.
+
+    `seen` is a cache of the store (MISSING where the store has no such id), bounded like
+    the state cache: an App that sees a new id per record would otherwise keep every id
+    in memory whatever the retention says."""
 
     name: str
     ttl: float | None
     max_keys: int | None
     replay_to: str | None
+    cache_keys: int = DEFAULT_CACHE_KEYS
     seen: dict[tuple[int, str], Any] = field(default_factory=dict)
     new: dict[tuple[int, str], tuple[float, tuple[str, int, int]]] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.seen.clear()
+        self.new.clear()
+
+    def committed(self, outcomes: dict[tuple[int, str], bytes | None], purged: bool) -> None:
+        """The epoch is durable: its ids are what the store holds. Past the bound, or
+        after retention purged ids from the store, the cache goes: an id the store
+        forgot must be new to this process too, as it is to the next one."""
+        if purged or len(self.seen) > self.cache_keys:
+            self.seen.clear()
+        else:
+            for pk, (seen, _) in self.new.items():
+                self.seen[pk] = (seen, outcomes.get(pk))
         self.new.clear()
 
 
@@ -111,11 +143,25 @@ class Executor:
         self._encoders: dict[int, Callable[[Any], bytes]] = {}
         self.epoch = Epoch()
         self._replays: list[tuple[DedupStep, int, str, Batch]] = []
+        # Topics that more than one step of a stage writes (a dedupe's replays count as
+        # one), per stage; the dead-letter topic always. Their outputs of a batch are put
+        # back in input order after the batch, so that order does not depend on where
+        # batches were cut (`_keep_input_order`).
+        self._shared: dict[int, frozenset[str]] = {}
+        self._ordered: frozenset[str] = frozenset()
+        # Per output (topic, partition) of such a topic, during `run`: its length before
+        # the batch and the input index of each output the batch appended.
+        self._marks: dict[tuple[str, int], tuple[int, list[int]]] = {}
 
     # -- entry ----------------------------------------------------------------------
 
     def run(self, source: Step, batch: Batch, decode: Callable[[bytes], Any]) -> None:
         ep = self.epoch
+        ordered = self._shared.get(id(source))
+        if ordered is None:
+            ordered = self._shared[id(source)] = self._shared_topics(source)
+        self._ordered = ordered
+        self._marks = {}
         n = len(batch.offs)
         ep.records_in += n
         pos = ep.positions
@@ -136,6 +182,63 @@ class Executor:
         self._children(source, items, batch)
         if self._replays:
             self._emit_replays(batch)
+        if self._marks:
+            self._keep_input_order()
+        self._marks = {}
+        self._ordered = frozenset()
+
+    def dead_letter(self, batch: Batch, i: int, step: str, what: str, error: str) -> None:
+        """Record `i` of `batch` as a dead letter and nothing else: a record whose epoch
+        could not commit on its own (its state cannot be stored, a sink refuses its
+        row) commits this way, with its offset."""
+        ep = self.epoch
+        ep.records_in += 1
+        tp = (batch.topic, batch.parts[i])
+        ep.positions[tp] = max(ep.positions.get(tp, 0), batch.offs[i] + 1)
+        self._dead_letter(step, what, batch, i, error)
+
+    def _shared_topics(self, source: Step) -> frozenset[str]:
+        writers: Counter[str] = Counter()
+        stack = [source]
+        while stack:
+            step = stack.pop()
+            if step.kind == "to":
+                writers[step.options["topic"]] += 1
+            elif step.kind == "dedupe" and step.options["replay_to"]:
+                writers[step.options["replay_to"]] += 1
+            stack.extend(step.children)
+        return frozenset({t for t, n in writers.items() if n > 1} | {self.dlq})
+
+    def _track(self, tp: tuple[str, int], cols: Columns) -> list[int]:
+        """The input indexes of what this batch appends to `tp`; call before appending."""
+        mark = self._marks.get(tp)
+        if mark is None:
+            mark = self._marks[tp] = (len(cols), [])
+        return mark[1]
+
+    def _keep_input_order(self) -> None:
+        """Steps run over whole batches, so two steps writing one topic append the
+        batch's outputs one step after the other, and replays come after the batch: sort
+        each such run of outputs by input index (stable, so one input's outputs keep the
+        order of the steps). With one record per batch this changes nothing."""
+        for tp, (mark, srcs) in self._marks.items():
+            if all(map(operator.le, srcs, itertools.islice(srcs, 1, None))):
+                continue
+            cols = self.epoch.outputs[tp]
+            if len(cols) - mark != len(srcs):
+                raise AssertionError(f"outputs of {tp} appended without their input index")
+            order = sorted(range(len(srcs)), key=srcs.__getitem__)
+            columns: list[list[Any] | None] = [
+                cols.keys,
+                cols.values,
+                cols.headers,
+                cols.tss,
+                cols.ids,
+            ]
+            for col in columns:
+                if col is not None:
+                    seg = col[mark:]
+                    col[mark:] = [seg[j] for j in order]
 
     def _children(self, step: Step, items: list[Item], batch: Batch) -> None:
         if not items:
@@ -148,14 +251,19 @@ class Executor:
     # -- failure --------------------------------------------------------------------
 
     def _fail(self, step: Step, batch: Batch, i: int, exc: BaseException, what: str = "") -> None:
+        if isinstance(exc, (UnavailableError, FencedError)):
+            # An outage is not the record's fault: the App waits and runs it again.
+            raise exc
         if self.on_error == "stop":
             raise UserFunctionError(
                 step.name, batch.topic, batch.parts[i], batch.offs[i], exc
             ) from exc
-        err = f"{type(exc).__name__}: {exc}"
+        self._dead_letter(step.name, what, batch, i, f"{type(exc).__name__}: {exc}")
+
+    def _dead_letter(self, step: str, what: str, batch: Batch, i: int, err: str) -> None:
         headers = {
             "onceflow-error": err[:2000],
-            "onceflow-step": step.name if not what else f"{step.name}:{what}",
+            "onceflow-step": step if not what else f"{step}:{what}",
             "onceflow-app": self.app_name,
             "onceflow-source-topic": batch.topic,
             "onceflow-source-partition": str(batch.parts[i]),
@@ -170,8 +278,9 @@ class Executor:
             batch.tss[i],
             batch.ids[i],
             batch.parts[i],
+            i,
         )
-        self.hooks.dead_letter(step.name, batch.topic, batch.parts[i], batch.offs[i], err)
+        self.hooks.dead_letter(step, batch.topic, batch.parts[i], batch.offs[i], err)
 
     def _one_by_one(
         self, step: Step, items: list[Item], batch: Batch, f: Callable[[Item], Any]
@@ -240,13 +349,17 @@ class Executor:
         ts: float,
         id: str | None,
         src_part: int,
+        src: int = -1,
     ) -> None:
         """One output to the epoch buffer. A keyless output follows its input's partition,
-        so that a replay after a crash writes it to the same partition again."""
+        so that a replay after a crash writes it to the same partition again. `src` is
+        the input's index in the batch, or -1 outside a batch."""
         part = self.partition_for(key, self.partitions_of(topic), src_part)
         cols = self.epoch.outputs.get((topic, part))
         if cols is None:
             cols = self.epoch.outputs[(topic, part)] = Columns()
+        if src >= 0 and topic in self._ordered:
+            self._track((topic, part), cols).append(src)
         cols.add(key, value, headers, ts, id)
         self.epoch.records_out += 1
 
@@ -273,6 +386,8 @@ class Executor:
             cols = ep.outputs.get((topic, 0))
             if cols is None:
                 cols = ep.outputs[(topic, 0)] = Columns()
+            if topic in self._ordered:
+                self._track((topic, 0), cols).extend([s for _, _, s in ok])
             cols.keys.extend([k for k, _, _ in ok])
             cols.values.extend(values)
             if cols.headers is not None:
@@ -282,8 +397,18 @@ class Executor:
             ep.records_out += len(ok)
         else:
             emit = self._emit
-            for (k, _, s), raw in zip(ok, values, strict=True):
-                emit(topic, k, raw, None, tss[s], ids[s], parts[s])
+            unplaced: set[int] = set()
+            for j, ((k, _, s), raw) in enumerate(zip(ok, values, strict=True)):
+                try:
+                    emit(topic, k, raw, None, tss[s], ids[s], parts[s], s)
+                except Exception as exc:
+                    # The key is hashed to a partition here: one that is not valid text
+                    # would fail every commit of the epoch, so it fails its record now.
+                    self._fail(step, batch, s, exc, "encode")
+                    unplaced.add(j)
+            if unplaced:
+                ok = [it for j, it in enumerate(ok) if j not in unplaced]
+                values = [v for j, v in enumerate(values) if j not in unplaced]
         if self.capture:
             st, offs = batch.topic, batch.offs
             ep.captured.extend(
@@ -313,24 +438,31 @@ class Executor:
         fn = step.fn
         initial = step.options["initial"]
         always = step.options.get("always_initial", False) or initial is not None
+        atoms, enc, dec = _ATOMS, encode_state, decode_state
         out: list[Item] = []
         for k, v, s in items:
             pk = (parts[s], k or "")
             acc = cache.get(pk, MISSING)
-            mutable = not isinstance(acc, _IMMUTABLE) and acc is not MISSING
-            snapshot = dump_state(acc) if mutable else None
             try:
+                t = type(acc)
                 if acc is MISSING:
                     if always:
                         start = initial() if callable(initial) else copy.deepcopy(initial)
                         acc = fn(start, v)
                     else:
                         acc = v
-                else:
+                elif t in atoms or (t is not dict and t is not list and frozen(acc)):
                     acc = fn(acc, v)
+                else:
+                    # The function mutates a copy: a call that raises halfway leaves the
+                    # state as it was, and an earlier output (the same object) keeps
+                    # the value it was emitted with.
+                    try:
+                        mine = dec(enc(acc))
+                    except Exception:
+                        mine = copy_state(acc)
+                    acc = fn(mine, v)
             except Exception as exc:
-                if snapshot is not None:
-                    cache[pk] = load_state(snapshot)
                 self._fail(step, batch, s, exc)
                 continue
             cache[pk] = acc
@@ -345,6 +477,7 @@ class Executor:
         state = State(st)
         cache = st.cache
         fn = step.fn
+        atoms, enc, dec = _ATOMS, encode_state, decode_state
         out: list[Item] = []
         for k, v, s in items:
             # Keyless records share one state per partition, under the empty key.
@@ -352,11 +485,18 @@ class Executor:
             state._pk = pk
             before = cache.get(pk, MISSING)
             was_dirty = pk in st.dirty
-            snapshot = (
-                dump_state(before)
-                if before is not MISSING and not isinstance(before, _IMMUTABLE)
-                else None
-            )
+            t = type(before)
+            if (
+                t not in atoms
+                and before is not MISSING
+                and (t is dict or t is list or not frozen(before))
+            ):
+                # As in reduce: the call sees a copy, `before` stays untouched for a
+                # failed call to go back to.
+                try:
+                    cache[pk] = dec(enc(before))
+                except Exception:
+                    cache[pk] = copy_state(before)
             try:
                 res = fn(v, state)
                 if res is None:
@@ -369,7 +509,7 @@ class Executor:
                 out.extend([(k, r, s) for r in res])
             except Exception as exc:
                 # A failed call must leave no trace in state, even if it mutated in place.
-                cache[pk] = load_state(snapshot) if snapshot is not None else before
+                cache[pk] = before
                 if not was_dirty:
                     st.dirty.discard(pk)
                 self._fail(step, batch, s, exc)
@@ -392,7 +532,11 @@ class Executor:
         seen = d.seen
         missing = list({(parts[it[2]], bid) for it, bid in keyed} - seen.keys())
         if missing:
-            loaded = self._load_dedup(step.name, missing)
+            try:
+                loaded = self._load_dedup(step.name, missing)
+            except UnicodeError:
+                keyed, missing = self._drop_unstorable_ids(step, batch, keyed, missing)
+                loaded = self._load_dedup(step.name, missing) if missing else {}
             for pk in missing:
                 seen[pk] = loaded.get(pk, MISSING)
         now = time.time()
@@ -413,6 +557,32 @@ class Executor:
             out.append(it)
         return out
 
+    def _drop_unstorable_ids(
+        self,
+        step: Step,
+        batch: Batch,
+        keyed: list[tuple[Item, str]],
+        missing: list[tuple[int, str]],
+    ) -> tuple[list[tuple[Item, str]], list[tuple[int, str]]]:
+        """An id that is not valid text (a lone surrogate from a key function) can never
+        be stored or looked up: its record fails at this step, the others go on."""
+        bad: dict[str, UnicodeError] = {}
+        for _, bid in missing:
+            try:
+                bid.encode()
+            except UnicodeError as exc:
+                bad[bid] = exc
+        if not bad:
+            raise AssertionError("a dedupe id lookup failed on text that encodes")
+        kept = []
+        for it, bid in keyed:
+            err = bad.get(bid)
+            if err is None:
+                kept.append((it, bid))
+            else:
+                self._fail(step, batch, it[2], err)
+        return kept, [pk for pk in missing if pk[1] not in bad]
+
     def _first_outputs(
         self, topic: str
     ) -> dict[tuple[str, int, int], list[tuple[str | None, bytes, Any]]]:
@@ -423,13 +593,19 @@ class Executor:
         return by_src
 
     def _emit_replays(self, batch: Batch) -> None:
-        """Answer duplicates with the outputs their first occurrence wrote."""
+        """Answer duplicates with the outputs their first occurrence wrote. They come
+        after the batch (a first occurrence earlier in it has its outputs only now) and
+        are then put in input order with the other outputs of their topic."""
+        firsts: dict[str, dict[tuple[str, int, int], list[tuple[str | None, bytes, Any]]]] = {}
         for d, s, bid, b in self._replays:
             assert d.replay_to is not None
             pk = (b.parts[s], bid)
             pending = d.new.get(pk)
             if pending is not None:
-                stored = self._first_outputs(d.replay_to).get(pending[1], [])
+                by_src = firsts.get(d.replay_to)
+                if by_src is None:
+                    by_src = firsts[d.replay_to] = self._first_outputs(d.replay_to)
+                stored = by_src.get(pending[1], [])
             else:
                 hit = d.seen.get(pk)
                 stored = (
@@ -438,7 +614,7 @@ class Executor:
             for key, value, headers in stored:
                 h = dict(headers or {})
                 h[REPLAY_HEADER] = "1"
-                self._emit(d.replay_to, key, value, h, b.tss[s], b.ids[s], b.parts[s])
+                self._emit(d.replay_to, key, value, h, b.tss[s], b.ids[s], b.parts[s], s)
                 self.epoch.captured.append(
                     ((b.topic, b.parts[s], b.offs[s]), d.replay_to, key, value, h)
                 )

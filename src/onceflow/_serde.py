@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -70,7 +71,35 @@ def dump_state(value: Any) -> bytes:
             f"state value of type {type(value).__name__} cannot be stored: use dicts, lists, "
             "str, int, float, bool, None or msgspec Structs"
         ) from exc
+    except OverflowError as exc:
+        raise ConfigError(
+            "state value holds an int outside the 64-bit range the state store keeps "
+            f"({exc}); operator action: keep such numbers as str (or Decimal text) in state"
+        ) from exc
+    except UnicodeError as exc:
+        raise ConfigError(f"state value holds a str that is not valid text ({exc})") from exc
 
 
 def load_state(raw: bytes) -> Any:
     return _state_dec.decode(raw)
+
+
+# The bare codec, for the executor's per-record copies (a call less than copy_state).
+encode_state = _state_enc.encode
+decode_state = _state_dec.decode
+
+
+def copy_state(value: Any) -> Any:
+    """A deep copy of a state value for a user function to mutate, as the store would
+    give it back (tuples come back as lists, Structs as dicts, as after a restart).
+
+    A value that cannot be stored is copied exactly instead: its epoch fails to commit
+    and the record that made it becomes a dead letter, but until then a failed call must
+    not leak into it either."""
+    try:
+        return decode_state(encode_state(value))
+    except (TypeError, ValueError, OverflowError):
+        try:
+            return copy.deepcopy(value)
+        except Exception:
+            return value
