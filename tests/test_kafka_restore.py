@@ -178,3 +178,164 @@ def test_keys_and_ids_that_are_not_utf8_keep_their_own_state_and_bytes(
         k1: [b"1", b"2"],
         k2: [b"1", b"2"],
     }
+
+
+def test_a_restore_rides_out_a_broker_outage(own_broker: Any, tmp_path: Path) -> None:
+    """The broker dies while a worker restores state from the changelogs: the worker says
+    so once, waits, and finishes the restore when the broker is back, with nothing
+    missing (the effects are exactly once)."""
+    ns = f"t{uuid.uuid4().hex[:10]}"
+    store = f"kafka://{own_broker.bootstrap}/{ns}"
+    state_dir = tmp_path / "state"
+    events = [Event("events", {"i": i}, key=f"k{i % 50}", id=f"e{i}") for i in range(400)]
+    for s in (store, f"{store}-reference"):
+        _create(s, "events", 4)
+    send(store, events[:300])
+    first = _worker(store, 0, state_dir, until_idle=True)
+    assert first.wait(120) == 0, first.stderr()
+    send(store, events[300:])
+    # A worker with no local copy: everything comes from the changelogs. It stops itself
+    # once it knows where they end, before reading them.
+    shutil.rmtree(state_dir)
+    worker = _worker(store, 0, state_dir, pause_at="restoring")
+    try:
+        assert wait_until(worker.stopped, 120), worker.stderr()
+        own_broker.kill()
+        worker.resume()
+        assert wait_until(lambda: "restoring state: " in worker.stderr(), 60), worker.stderr()
+        own_broker.restart()
+        assert wait_until(lambda: "worker 0 assigned" in worker.stderr(), 180), worker.stderr()
+        assert worker.alive(), worker.stderr()
+    finally:
+        worker.stop()
+    log = worker.stderr()
+    waits = [line for line in log.splitlines() if "restoring state: " in line]
+    # Said once (and once that it goes on), not at every retry.
+    assert len([w for w in waits if "resumes by itself" in w]) == 1, log
+    assert len(waits) == 2, log
+    # An outage longer than the group session also ends the worker's membership, which
+    # is not the restore's business: a fresh worker drains what is left.
+    last = _worker(store, 0, state_dir, until_idle=True)
+    assert last.wait(120) == 0, last.stderr()
+    expected = reference(pipelines.counts(), events, store=f"{store}-reference")
+    problems = diff(snapshot(pipelines.counts(), store), expected)
+    assert problems == [], problems[:10]
+
+
+def _changelog_keys(bootstrap: str, topic: str) -> list[bytes]:
+    """Every record key the changelog holds now, aborted and compacted ones aside."""
+    import confluent_kafka as ck
+
+    c = ck.Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"raw-{uuid.uuid4().hex[:8]}",
+            "isolation.level": "read_committed",
+            "enable.partition.eof": True,
+        }
+    )
+    try:
+        c.assign([ck.TopicPartition(topic, 0, ck.OFFSET_BEGINNING)])
+        keys: list[bytes] = []
+        while True:
+            for m in c.consume(1000, 0.2):
+                if m.error():
+                    return keys
+                keys.append(m.key())
+    finally:
+        c.close()
+
+
+def _keep(value: dict[str, Any], st: Any) -> list[dict[str, Any]]:
+    if value["op"] == "set":
+        st.value = value["v"]
+    elif value["op"] == "del":
+        st.delete()
+    return [{"k": st.key, "v": st.value}] if value["op"] == "get" else []
+
+
+def test_a_key_deleted_while_a_local_copy_was_away_stays_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A local store comes back to a worker (the partition moved away and back) after
+    compaction removed both a key's value and its tombstone from the changelog: replaying
+    the changelog from where the copy stopped cannot see the delete, so a copy older than
+    the changelog keeps tombstones (delete.retention.ms) is rebuilt from the start."""
+    import threading
+
+    from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
+    from infra.kafka_broker import KafkaBroker, KafkaUnavailable
+
+    from .helpers import values
+
+    # The log cleaner looks for work every 50 ms instead of every 15 s.
+    broker = KafkaBroker(tmp_path / "kafka", server_config={"log.cleaner.backoff.ms": "50"})
+    try:
+        broker.start()
+    except KafkaUnavailable as exc:
+        pytest.skip(f"Kafka tests need Java 17 and Maven: {exc}")
+    try:
+        store = f"kafka://{broker.bootstrap}/t{uuid.uuid4().hex[:8]}"
+        state_dir = tmp_path / "state"
+        monkeypatch.setenv("ONCEFLOW_STATE_DIR", str(state_dir))
+
+        def app() -> App:
+            a = App("keep", store=store, commit_interval=0.05)
+            a.source("ops").process(name="kept", fn=_keep).to("got")
+            return a
+
+        def ops(*items: tuple[str, dict[str, Any]]) -> None:
+            with Producer(store) as p:
+                p.send_batch("ops", [(k, v, None) for k, v in items])
+
+        ops(("a", {"op": "set", "v": 1}), ("b", {"op": "set", "v": 2}))
+        app().run(until_idle=True)
+        away = tmp_path / "away"
+        shutil.copytree(state_dir, away)
+        # Compact the changelog quickly, and keep tombstones only 100 ms.
+        changelog = store.rsplit("/", 1)[1] + ".keep.ops.changelog"
+        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+        configs = {
+            "segment.ms": "100",
+            "min.cleanable.dirty.ratio": "0.01",
+            "delete.retention.ms": "100",
+        }
+        resource = ConfigResource(
+            "topic",
+            changelog,
+            incremental_configs=[
+                ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                for k, v in configs.items()
+            ],
+        )
+        for fut in admin.incremental_alter_configs([resource]).values():
+            fut.result()
+        ops(("a", {"op": "del"}))
+        # More writes roll segments and dirty the log, until the cleaner has removed
+        # every record of `a`, its tombstone included.
+        running = app()
+        t = threading.Thread(target=running.run)
+        t.start()
+        try:
+            n = 0
+
+            def a_is_gone() -> bool:
+                nonlocal n
+                n += 1
+                ops(("c", {"op": "set", "v": n}))
+                return not any(
+                    k.endswith(b"\x00a") for k in _changelog_keys(broker.bootstrap, changelog)
+                )
+
+            assert wait_until(a_is_gone, 120, interval=0.2)
+        finally:
+            running.stop()
+            t.join(60)
+        # The copy from before the delete comes back to this worker.
+        shutil.rmtree(state_dir)
+        shutil.move(away, state_dir)
+        ops(("a", {"op": "get"}), ("b", {"op": "get"}))
+        app().run(until_idle=True)
+        assert values(store, "got") == [{"k": "a", "v": None}, {"k": "b", "v": 2}]
+    finally:
+        broker.stop()

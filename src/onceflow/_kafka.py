@@ -345,6 +345,7 @@ class KafkaSession:
         # Fenced by the group only (its generation moved on): the producer still works,
         # and aborts its transaction rather than leave it open until it times out.
         self._group_fenced = False
+        self._sent_offsets = False
         self._closing = False
         # Per input topic, how long its changelog keeps tombstones (read at start).
         self._tombstone_s: dict[str, float] = {}
@@ -674,6 +675,9 @@ class KafkaSession:
             {
                 "bootstrap.servers": self.url.bootstrap,
                 "logger": CLIENT_LOG,
+                # Not a line per failed connection attempt (dozens a second while the
+                # broker is down): the restore says once that it waits.
+                "log_level": 2,
                 "error_cb": errors.append,
                 "group.id": f"onceflow-restore-{os.getpid()}",
                 "isolation.level": "read_committed",
@@ -705,17 +709,20 @@ class KafkaSession:
         low, high = self._watermarks(c, self.ck.TopicPartition(cl, part))
         start = store.next_offset
         stale = None
-        if start > high:
+        if start == 0:
+            start = low  # a new copy
+        elif start > high:
             stale = (
                 "the changelog is shorter than the local copy (recreated, or the copy "
                 "belongs elsewhere)"
             )
         elif start < low:
             stale = "the changelog's start moved past the local copy"
-        elif start > low and time.time() - store.synced > self._tombstones_kept(topic) / 2:
-            # Compaction drops a tombstone delete.retention.ms after it cleaned it; a
-            # copy last current longer ago than that may miss deletes, and the deleted
-            # keys would come back. Half of it: the broker's clock is not ours.
+        elif start < high and time.time() - store.synced > self._tombstones_kept(topic) / 2:
+            # Compaction drops a tombstone delete.retention.ms after it cleaned it: a
+            # copy last current longer ago than that, replayed from where it stopped,
+            # may miss deletes, and the deleted keys would come back. Half of it: the
+            # broker's clock is not ours. (A copy with nothing to replay is current.)
             stale = "the local copy is older than the changelog keeps tombstones"
         if stale is not None:
             log.info("%s[%d]: %s; rebuilding it from the changelog", topic, part, stale)
@@ -749,7 +756,8 @@ class KafkaSession:
         )
         t0 = progress = time.monotonic()
         n = 0
-        outage, stall = Waiting(log), Waiting(log)
+        # One wait at a time is logged: an outage also stalls the restore.
+        waiting = Waiting(log)
         held: set[TP] = set()
         left = dict(todo)
         while left:
@@ -773,14 +781,13 @@ class KafkaSession:
                     raise StoreError(f"restoring state: Kafka consumer error: {err}")
                 # The client reconnects by itself; the restore goes on from where it
                 # was when the broker is back.
-                outage(f"restoring state: the broker is unreachable ({err})", sleep=False)
+                waiting(f"restoring state: the broker is unreachable ({err})", sleep=False)
             errors.clear()
             if recs or ends:
                 progress = time.monotonic()
-                outage.over("restoring state: the broker is back, the restore goes on")
-                stall.over("restoring state: the changelogs are readable again")
+                waiting.over("restoring state: the changelogs are readable again")
             elif time.monotonic() - progress > _STALL_LOG_S:
-                stall(
+                waiting(
                     "restoring state: nothing new from "
                     + ", ".join(f"{t}[{p}]" for t, p in left)
                     + f" for {_STALL_LOG_S:.0f}s, short of the end: a transaction there is "
@@ -943,6 +950,7 @@ class KafkaSession:
     def begin(self) -> Any:
         self._pending = {}
         self._produced = {}
+        self._sent_offsets = False
         self._guard(self.producer.begin_transaction)
         return self
 
@@ -1097,6 +1105,7 @@ class KafkaSession:
                 "send_offsets_to_transaction",
             )
         )
+        self._sent_offsets = True
 
     def commit_offsets(self, positions: dict[tuple[str, int], int]) -> None:
         """At-least-once: offsets through the group, after the outputs' transaction."""
@@ -1165,11 +1174,16 @@ class KafkaSession:
             # Transaction markers take an offset after the last record.
             nxt = store.next_offset if last is None else last + 1
             store.apply(records, nxt)
-        # A commit in the current group generation shows that no one else wrote to the
-        # held partitions' changelogs since they were restored: their stores are current.
+        # A commit with offsets, which the group accepts only from a member of the
+        # current generation, shows that no one else wrote to the held partitions'
+        # changelogs since they were restored: their stores are current.
         now = time.time()
         for tp, store in self.local.items():
-            if tp not in self._pending and now - store.synced > _SYNC_REFRESH_S:
+            if (
+                self._sent_offsets
+                and tp not in self._pending
+                and now - store.synced > _SYNC_REFRESH_S
+            ):
                 store.touch()
         self._pending = {}
 
