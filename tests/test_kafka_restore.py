@@ -105,6 +105,61 @@ def test_a_paused_owners_late_commit_reaches_its_successors_state(
     assert problems == [], problems[:10]
 
 
+def test_a_restore_waits_for_a_transaction_left_open_in_the_changelog(
+    kafka_broker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A previous owner wrote to a changelog in a transaction it never finished (it
+    stopped before sending offsets); the next owner committed after it. Readers see the
+    changelog only up to the open transaction, so a restore that stops where reading
+    stops misses the later commits while the group's offsets include them. The restore
+    must wait for the transaction to end (here it is aborted) and read to the end."""
+    import confluent_kafka as ck
+
+    ns = f"t{uuid.uuid4().hex[:10]}"
+    store = f"kafka://{kafka_broker.bootstrap}/{ns}"
+    state_dir = tmp_path / "state"
+    events = [Event("events", {"i": i}, key=f"k{i % 24}", id=f"e{i}") for i in range(600)]
+    for s in (store, f"{store}-reference"):
+        _create(s, "events", 4)
+
+    def drained() -> bool:
+        return _drained(kafka_broker.bootstrap, f"{ns}.counts", f"{ns}.events")
+
+    send(store, events[:200])
+    owner = _worker(store, 0, state_dir)
+    zombie = ck.Producer(
+        {"bootstrap.servers": kafka_broker.bootstrap, "transactional.id": f"{ns}.zombie"}
+    )
+    try:
+        assert wait_until(drained, 120), owner.stderr()
+        zombie.init_transactions(30)
+        zombie.begin_transaction()
+        # A record of no kind the store knows, in changelog partition 0, left open.
+        zombie.produce(f"{ns}.counts.events.changelog", b"-", key=b"z\x00zombie\x00-", partition=0)
+        zombie.flush(30)
+        send(store, events[200:400])
+        assert wait_until(drained, 120), owner.stderr()
+    finally:
+        owner.stop()
+    # The partitions go to a worker without local copies.
+    shutil.rmtree(state_dir)
+    send(store, events[400:])
+    worker = _worker(store, 0, state_dir, until_idle=True)
+    try:
+        assert wait_until(
+            lambda: "still open" in worker.stderr() or "worker 0 assigned" in worker.stderr(),
+            120,
+        ), worker.stderr()
+        zombie.abort_transaction(30)
+        assert worker.wait(120) == 0, worker.stderr()
+    finally:
+        worker.kill()
+    monkeypatch.setenv("ONCEFLOW_STATE_DIR", str(tmp_path / "reference-state"))
+    expected = reference(pipelines.counts(), events, store=f"{store}-reference")
+    problems = diff(snapshot(pipelines.counts(), store), expected)
+    assert problems == [], problems[:10]
+
+
 def _raw_outputs(bootstrap: str, topic: str) -> dict[bytes | None, list[bytes]]:
     """A topic's committed records as Kafka has them: raw key -> values, in order."""
     import confluent_kafka as ck

@@ -32,7 +32,7 @@ CRASH_POINTS: tuple[str, ...] = (
 # Steps of the Kafka backend's restore, outside the commit protocol. Reached only when a
 # worker rebuilds a partition's state, so `onceflow chaos` and the demo do not aim at them.
 RESTORE_POINTS: tuple[str, ...] = (
-    "restoring",  # the changelogs' ends are known after stable offsets; nothing read yet
+    "restoring",  # offsets are stable and the changelogs' ends known; nothing read yet
 )
 
 CRASH_ENV = "ONCEFLOW_CRASH_AT"

@@ -657,17 +657,25 @@ class KafkaSession:
         """Bring the local stores of `parts` to their changelogs' end as of now, all
         together. The end is the high watermark read now (after the offsets became
         stable), reached when read_committed fetching gets there: the end of partition
-        that the fetcher reports is the last stable offset, so a transaction still open
-        below the high watermark is waited for, never stepped over. Whatever committed
-        before the offsets were read is below that watermark, so the stores then hold
-        the state of exactly those offsets. There is no "idle for a while, so done": on
-        a loaded machine an empty poll says nothing."""
+        the fetcher reports is the last stable offset, so a transaction still open below
+        the high watermark is waited for, never stepped over. Whatever committed before
+        the offsets were read is below that watermark, so the stores then hold the state
+        of exactly those offsets. There is no "idle for a while, so done": on a loaded
+        machine an empty poll says nothing."""
         if not parts:
             return 0
         for topic, part in parts:
             if (topic, part) not in self.local:
                 path = os.path.join(self.state_dir, f"{topic}-{part}.db")
                 self.local[(topic, part)] = LocalStore(path)
+        todo: dict[TP, tuple[int, int]] = {}
+        for tp, (low, high) in self._changelog_ends(parts).items():
+            start = self._restore_from(tp, low, high)
+            if start < high:
+                todo[tp] = (start, high)
+        if not todo:
+            return 0
+        self.crash("restoring")
         # Client-level errors (the broker is unreachable) come to error_cb, not to
         # consume(): the restore reads them between batches.
         errors: list[Any] = []
@@ -689,24 +697,14 @@ class KafkaSession:
             }
         )
         try:
-            todo: dict[TP, tuple[int, int]] = {}
-            for tp in parts:
-                start, high = self._restore_from(c, tp)
-                if start < high:
-                    todo[tp] = (start, high)
-            if not todo:
-                return 0
-            self.crash("restoring")
             return self._read_changelogs(c, todo, errors)
         finally:
             c.close()
 
-    def _restore_from(self, c: Any, tp: TP) -> tuple[int, int]:
-        """Where the restore of `tp` starts, and the changelog's high watermark now."""
+    def _restore_from(self, tp: TP, low: int, high: int) -> int:
+        """Where the restore of `tp` starts, its changelog being [low, high) now."""
         topic, part = tp
         store = self.local[tp]
-        cl = self.url.topic(self.changelog(topic))
-        low, high = self._watermarks(c, self.ck.TopicPartition(cl, part))
         start = store.next_offset
         stale = None
         if start == 0:
@@ -730,19 +728,39 @@ class KafkaSession:
             start = low
         if start >= high:
             store.touch()
-        return start, high
+        return start
 
-    def _watermarks(self, c: Any, tp: Any) -> tuple[int, int]:
+    def _changelog_ends(self, parts: list[TP]) -> dict[TP, tuple[int, int]]:
+        """(log start, high watermark) of the changelog partition of each of `parts`.
+        Asked read_uncommitted: under read_committed, ListOffsets answers the last
+        stable offset, which stops at an open transaction, and commits after it would
+        be left out of the restore."""
+        admin = self.ck.admin
+        names = {self.url.topic(self.changelog(t)): t for t, _ in parts}
+        tps = [self.ck.TopicPartition(self.url.topic(self.changelog(t)), p) for t, p in parts]
         waiting = Waiting(log)
         while True:
             try:
-                low, high = c.get_watermark_offsets(tp, timeout=_STABLE_WAIT_S, cached=False)
-                waiting.over(f"reading {tp.topic}[{tp.partition}] resumed")
-                return int(low), int(high)
+                asked = [
+                    self.admin.list_offsets(
+                        {tp: spec for tp in tps},
+                        isolation_level=self.ck.IsolationLevel.READ_UNCOMMITTED,
+                        request_timeout=_STABLE_WAIT_S,
+                    )
+                    for spec in (admin.OffsetSpec.earliest(), admin.OffsetSpec.latest())
+                ]
+                low, high = (
+                    {(names[tp.topic], tp.partition): int(f.result().offset) for tp, f in a.items()}
+                    for a in asked
+                )
+                waiting.over("restoring state: the changelogs' ends are known")
+                return {tp: (low[tp], high[tp]) for tp in parts}
             except self.ck.KafkaException as exc:
                 if not transient(self.ck, exc.args[0]):
-                    raise StoreError(f"reading {tp.topic}[{tp.partition}]: {exc}") from exc
-                waiting(f"cannot reach the end of {tp.topic}[{tp.partition}] ({exc.args[0]})")
+                    raise StoreError(
+                        f"restoring state: reading the changelogs' ends: {exc}"
+                    ) from exc
+                waiting(f"restoring state: cannot read the changelogs' ends ({exc.args[0]})")
 
     def _read_changelogs(self, c: Any, todo: dict[TP, tuple[int, int]], errors: list[Any]) -> int:
         """Apply the changelog records of every partition in `todo` from its start until
