@@ -310,7 +310,7 @@ def _keep(value: dict[str, Any], st: Any) -> list[dict[str, Any]]:
 
 
 def test_a_key_deleted_while_a_local_copy_was_away_stays_deleted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kafka_broker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A local store comes back to a worker (the partition moved away and back) after
     compaction removed both a key's value and its tombstone from the changelog: replaying
@@ -319,52 +319,54 @@ def test_a_key_deleted_while_a_local_copy_was_away_stays_deleted(
     import threading
 
     from confluent_kafka.admin import AdminClient, AlterConfigOpType, ConfigEntry, ConfigResource
-    from infra.kafka_broker import KafkaBroker, KafkaUnavailable
 
     from .helpers import values
 
-    # The log cleaner looks for work every 50 ms instead of every 15 s.
-    broker = KafkaBroker(tmp_path / "kafka", server_config={"log.cleaner.backoff.ms": "50"})
-    try:
-        broker.start()
-    except KafkaUnavailable as exc:
-        pytest.skip(f"Kafka tests need Java 17 and Maven: {exc}")
-    try:
-        store = f"kafka://{broker.bootstrap}/t{uuid.uuid4().hex[:8]}"
-        state_dir = tmp_path / "state"
-        monkeypatch.setenv("ONCEFLOW_STATE_DIR", str(state_dir))
+    admin = AdminClient({"bootstrap.servers": kafka_broker.bootstrap})
 
-        def app() -> App:
-            a = App("keep", store=store, commit_interval=0.05)
-            a.source("ops").process(name="kept", fn=_keep).to("got")
-            return a
-
-        def ops(*items: tuple[str, dict[str, Any]]) -> None:
-            with Producer(store) as p:
-                p.send_batch("ops", [(k, v, None) for k, v in items])
-
-        ops(("a", {"op": "set", "v": 1}), ("b", {"op": "set", "v": 2}))
-        app().run(until_idle=True)
-        away = tmp_path / "away"
-        shutil.copytree(state_dir, away)
-        # Compact the changelog quickly, and keep tombstones only 100 ms.
-        changelog = store.rsplit("/", 1)[1] + ".keep.ops.changelog"
-        admin = AdminClient({"bootstrap.servers": broker.bootstrap})
-        configs = {
-            "segment.ms": "100",
-            "min.cleanable.dirty.ratio": "0.01",
-            "delete.retention.ms": "100",
-        }
-        resource = ConfigResource(
-            "topic",
-            changelog,
-            incremental_configs=[
-                ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
-                for k, v in configs.items()
-            ],
-        )
+    def configure(kind: str, name: str, configs: dict[str, str | None]) -> None:
+        entries = [
+            ConfigEntry(
+                k,
+                v,
+                incremental_operation=AlterConfigOpType.DELETE
+                if v is None
+                else AlterConfigOpType.SET,
+            )
+            for k, v in configs.items()
+        ]
+        resource = ConfigResource(kind, name, incremental_configs=entries)
         for fut in admin.incremental_alter_configs([resource]).values():
             fut.result()
+
+    store = f"kafka://{kafka_broker.bootstrap}/t{uuid.uuid4().hex[:8]}"
+    state_dir = tmp_path / "state"
+    monkeypatch.setenv("ONCEFLOW_STATE_DIR", str(state_dir))
+
+    def app() -> App:
+        a = App("keep", store=store, commit_interval=0.05)
+        a.source("ops").process(name="kept", fn=_keep).to("got")
+        return a
+
+    def ops(*items: tuple[str, dict[str, Any]]) -> None:
+        with Producer(store) as p:
+            p.send_batch("ops", [(k, v, None) for k, v in items])
+
+    ops(("a", {"op": "set", "v": 1}), ("b", {"op": "set", "v": 2}))
+    app().run(until_idle=True)
+    away = tmp_path / "away"
+    shutil.copytree(state_dir, away)
+    # Compact the changelog at once, and keep its tombstones only 100 ms. The log
+    # cleaner of the (shared) broker looks for work every 50 ms instead of 15 s meanwhile.
+    changelog = store.rsplit("/", 1)[1] + ".keep.ops.changelog"
+    configure(
+        "topic",
+        changelog,
+        {"segment.ms": "100", "min.cleanable.dirty.ratio": "0.01", "delete.retention.ms": "100"},
+    )
+    broker_id = str(next(iter(admin.list_topics(timeout=10).brokers)))
+    configure("broker", broker_id, {"log.cleaner.backoff.ms": "50"})
+    try:
         ops(("a", {"op": "del"}))
         # More writes roll segments and dirty the log, until the cleaner has removed
         # every record of `a`, its tombstone included.
@@ -378,19 +380,18 @@ def test_a_key_deleted_while_a_local_copy_was_away_stays_deleted(
                 nonlocal n
                 n += 1
                 ops(("c", {"op": "set", "v": n}))
-                return not any(
-                    k.endswith(b"\x00a") for k in _changelog_keys(broker.bootstrap, changelog)
-                )
+                keys = _changelog_keys(kafka_broker.bootstrap, changelog)
+                return not any(k.endswith(b"\x00a") for k in keys)
 
             assert wait_until(a_is_gone, 120, interval=0.2)
         finally:
             running.stop()
             t.join(60)
-        # The copy from before the delete comes back to this worker.
-        shutil.rmtree(state_dir)
-        shutil.move(away, state_dir)
-        ops(("a", {"op": "get"}), ("b", {"op": "get"}))
-        app().run(until_idle=True)
-        assert values(store, "got") == [{"k": "a", "v": None}, {"k": "b", "v": 2}]
     finally:
-        broker.stop()
+        configure("broker", broker_id, {"log.cleaner.backoff.ms": None})
+    # The copy from before the delete comes back to this worker.
+    shutil.rmtree(state_dir)
+    shutil.move(away, state_dir)
+    ops(("a", {"op": "get"}), ("b", {"op": "get"}))
+    app().run(until_idle=True)
+    assert values(store, "got") == [{"k": "a", "v": None}, {"k": "b", "v": 2}]
