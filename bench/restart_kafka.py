@@ -15,8 +15,9 @@ Each timed run: a few more events arrive (`--tail`), a new child process is laun
 (`python -m onceflow._worker restart_kafka:app`), and the figure is the wall time from
 just before its launch to the end of its first commit, which the child's hook records;
 then that child is SIGKILLed too, so the next run restarts after a kill -9 again. Also
-shown: when the child's App entered its poll loop (the `recovered` hook), i.e. how much
-of the time went into starting (interpreter, imports, topics, producer, group, restore).
+shown: when the child's App entered its poll loop (the `recovered` hook): the time spent
+on the interpreter, imports, topics and the producer; on Kafka the group join and the
+restore of the partitions' state come after it, inside the first polls.
 Reported: the median of `--runs`, and every run. Kafka starts its own single-node broker
 (infra/kafka_broker.py) in a temp dir and stops it at the end. Figures go to stdout and
 to bench/out/restart.json.
@@ -131,20 +132,27 @@ def measure(
     send(store, sent, sent + tail, keys)
     sent += tail
     incarnation(store, env, marks)
-    recovered, committed = [], []
+    recovered, committed, load = [], [], []
     for i in range(runs):
         send(store, sent, sent + tail, keys)
         sent += tail
+        load.append(os.getloadavg()[0])
         r, c = incarnation(store, env, marks)
         recovered.append(r)
         committed.append(c)
-        log(f"{name} run {i + 1}: poll loop after {r:.3f}s, first commit after {c:.3f}s")
+        log(
+            f"{name} run {i + 1}: poll loop after {r:.3f}s, first commit after {c:.3f}s "
+            f"(load average {load[-1]:.1f})"
+        )
     return {
         "keys": keys,
         "median_first_commit_s": round(statistics.median(committed), 3),
         "median_poll_loop_s": round(statistics.median(recovered), 3),
         "first_commit_s": [round(x, 3) for x in committed],
         "poll_loop_s": [round(x, 3) for x in recovered],
+        # Other work on the machine moves every figure: the 1-minute load average at the
+        # start of each run.
+        "load_average": [round(x, 1) for x in load],
     }
 
 
@@ -179,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
                 env = {"ONCEFLOW_STATE_DIR": str(work / "state")}
                 figures["kafka"] = measure("kafka", store, env, keys, runs, args.tail, work)
     print(f"\nRestart after kill -9: {keys:,} keys over {PARTITIONS} partitions, {runs} runs")
+    if any(max(f["load_average"]) > (os.cpu_count() or 1) for f in figures.values()):
+        print("(the load average exceeded the CPU count during runs: figures are inflated)")
     print(f"{'backend':<10}{'first commit (median)':>24}{'poll loop (median)':>22}   runs (s)")
     for name, f in figures.items():
         print(
