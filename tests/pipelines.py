@@ -137,3 +137,16 @@ def ids_to_postgres() -> App:
 
 
 ids_to_postgres_app = ids_to_postgres()
+
+
+def counts() -> App:
+    """Keyed counts over four partitions, many small epochs, long transactions: the
+    transaction timeout (20 commit intervals, 40 s) outlasts a paused worker's group
+    session (10 s), so its open transaction can still commit after its partitions moved
+    (the Kafka zombie tests)."""
+    app = App("counts", partitions=4, commit_every=20, max_batch=20, commit_interval=2.0)
+    app.source("events").reduce(name="count", fn=lambda a, v: a + 1, initial=0).to("counts")
+    return app
+
+
+counts_app = counts()

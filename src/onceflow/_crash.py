@@ -29,6 +29,12 @@ CRASH_POINTS: tuple[str, ...] = (
     "effect_called",  # a journalled effect was called; its response is not journalled yet
 )
 
+# Steps of the Kafka backend's restore, outside the commit protocol. Reached only when a
+# worker rebuilds a partition's state, so `onceflow chaos` and the demo do not aim at them.
+RESTORE_POINTS: tuple[str, ...] = (
+    "restoring",  # offsets are stable and the changelogs' ends known; nothing read yet
+)
+
 CRASH_ENV = "ONCEFLOW_CRASH_AT"
 PAUSE_ENV = "ONCEFLOW_PAUSE_AT"
 
@@ -45,10 +51,10 @@ def _parse(spec: str, what: str) -> tuple[str, int, float | None]:
     """`<point>[:<n>][@<seconds>]` into (point, n, seconds or None)."""
     body, _, secs = spec.partition("@")
     point, _, n = body.partition(":")
-    if point not in CRASH_POINTS:
+    if point not in CRASH_POINTS + RESTORE_POINTS:
         from ._errors import ConfigError
 
-        points = ", ".join(CRASH_POINTS)
+        points = ", ".join(CRASH_POINTS + RESTORE_POINTS)
         raise ConfigError(f"{what} point {spec!r} is unknown; use one of {points}")
     try:
         nth = int(n) if n else 1

@@ -26,14 +26,20 @@ from typing import Any
 
 import msgspec
 
+from ._crash import from_env
 from ._dataflow import topology_problems
 from ._errors import ConfigError, FencedError, StoreError, TopologyError
 from ._kafka_common import (
+    CLIENT_LOG,
     KafkaURL,
+    Waiting,
     decode_headers,
+    decode_key,
     encode_headers,
+    encode_key,
     kafka_module,
     kafka_partition,
+    transient,
 )
 from ._records import Columns
 from ._runtime import Batch
@@ -49,6 +55,17 @@ _msgpack_dec = msgspec.msgpack.Decoder()
 # Admin and transaction calls wait this long for the broker; past it the outcome is
 # unknown and the producer is recreated (which fences the old one) rather than retried.
 TXN_TIMEOUT_S = 30.0
+# How long one request for stable offsets or watermarks may wait before the worker says
+# in its log that it is waiting (and asks again, for as long as it takes).
+_STABLE_WAIT_S = 2.0
+# A restore that got nothing new for this long says so in the log (once).
+_STALL_LOG_S = 5.0
+# Kafka's default delete.retention.ms, for a changelog whose setting cannot be read.
+_DEFAULT_TOMBSTONE_S = 86_400.0
+# A held partition's local store with nothing new to apply is marked current again at
+# most this often (one small write), so an idle partition is not rebuilt whole after a
+# restart only because its last write is older than the changelog keeps tombstones.
+_SYNC_REFRESH_S = 60.0
 
 
 def _retrying(ck: Any, fn: Callable[[], Any], what: str) -> Any:
@@ -110,98 +127,140 @@ def transaction_timeout_ms(commit_interval: float) -> int:
     return int(min(900_000, max(10_000, commit_interval * 20_000)))
 
 
+# The layout of a local store. A store of another layout is dropped and rebuilt from
+# the changelog (the source of truth): 2 keeps keys and ids as the bytes Kafka has.
+_STORE_FORMAT = 2
+
+
 class LocalStore:
-    """The state and dedup ids of one input partition, on disk, and the changelog offset
-    up to which they are current."""
+    """The state and dedup ids of one input partition, on disk, the changelog offset up
+    to which they are current, and when they were last known current (`synced`)."""
 
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.execute("CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER)")
+        if self._meta("format") not in (None, _STORE_FORMAT) or (
+            self._meta("format") is None and self._meta("changelog_next") is not None
+        ):
+            self.conn.execute("BEGIN")
+            for table in ("state", "dedup", "meta", "effects"):
+                self.conn.execute(f"DROP TABLE IF EXISTS {table}")
+            self.conn.execute("CREATE TABLE meta(k TEXT PRIMARY KEY, v INTEGER)")
+            self.conn.execute("COMMIT")
         for stmt in (
-            "CREATE TABLE IF NOT EXISTS state(step TEXT, key TEXT, value BLOB, "
+            "CREATE TABLE IF NOT EXISTS state(step TEXT, key BLOB, value BLOB, "
             "PRIMARY KEY(step, key)) WITHOUT ROWID",
-            "CREATE TABLE IF NOT EXISTS dedup(step TEXT, id TEXT, seen REAL, outcome BLOB, "
+            "CREATE TABLE IF NOT EXISTS dedup(step TEXT, id BLOB, seen REAL, outcome BLOB, "
             "PRIMARY KEY(step, id)) WITHOUT ROWID",
-            "CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v INTEGER)",
             "CREATE TABLE IF NOT EXISTS effects(sink TEXT, key TEXT, off INTEGER, idx INTEGER, "
             "payload BLOB, status TEXT, response BLOB, error TEXT, PRIMARY KEY(sink, key)) "
             "WITHOUT ROWID",
+            f"INSERT OR IGNORE INTO meta(k, v) VALUES('format', {_STORE_FORMAT})",
         ):
             self.conn.execute(stmt)
+        self.synced = (self._meta("synced_ms") or 0) / 1000.0
+
+    def _meta(self, k: str) -> int | None:
+        row = self.conn.execute("SELECT v FROM meta WHERE k=?", (k,)).fetchone()
+        return None if row is None else int(row[0])
 
     @property
     def next_offset(self) -> int:
-        row = self.conn.execute("SELECT v FROM meta WHERE k='changelog_next'").fetchone()
-        return 0 if row is None else int(row[0])
+        return self._meta("changelog_next") or 0
 
     def close(self) -> None:
         self.conn.close()
 
     def wipe(self) -> None:
         self.conn.execute("BEGIN")
-        for table in ("state", "dedup", "meta", "effects"):
+        for table in ("state", "dedup", "effects"):
             self.conn.execute(f"DELETE FROM {table}")
+        self.conn.execute("DELETE FROM meta WHERE k<>'format'")
         self.conn.execute("COMMIT")
+        self.synced = 0.0
 
     def load(self, table: str, step: str, keys: list[str]) -> dict[str, Any]:
         out: dict[str, Any] = {}
         col = "key" if table == "state" else "id"
         for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
+            chunk = [encode_key(k) for k in keys[i : i + 500]]
             marks = ",".join("?" * len(chunk))
             if table == "state":
                 for key, value in self.conn.execute(
                     f"SELECT key, value FROM state WHERE step=? AND key IN ({marks})",
                     (step, *chunk),
                 ):
-                    out[key] = _msgpack_dec.decode(value)
+                    out[decode_key(key) or ""] = _msgpack_dec.decode(value)
             else:
                 for bid, seen, outcome in self.conn.execute(
                     f"SELECT {col}, seen, outcome FROM dedup WHERE step=? AND id IN ({marks})",
                     (step, *chunk),
                 ):
-                    out[bid] = (seen, outcome)
+                    out[decode_key(bid) or ""] = (seen, outcome)
         return out
 
     def apply(self, records: Iterable[tuple[bytes, bytes | None]], next_offset: int) -> int:
-        """Apply changelog records (key, value or None) and record the offset reached."""
+        """Apply changelog records (key, value or None) and record the offset reached:
+        the store is current up to there, as of now."""
+        # The last record of a key wins, as in the compacted topic; grouped, each kind
+        # is one executemany (a restore applies hundreds of thousands of records).
+        state: dict[tuple[str, bytes], bytes | None] = {}
+        dedup: dict[tuple[str, bytes], bytes | None] = {}
+        effects: dict[tuple[str, str], bytes] = {}
         n = 0
-        self.conn.execute("BEGIN")
         for key, value in records:
+            n += 1
             kind, _, rest = key.partition(b"\x00")
             step_b, _, k = rest.partition(b"\x00")
-            step, name = step_b.decode(), k.decode()
+            step = step_b.decode()
             if kind == _STATE:
-                if value is None:
-                    self.conn.execute("DELETE FROM state WHERE step=? AND key=?", (step, name))
-                else:
-                    self.conn.execute(
-                        "INSERT OR REPLACE INTO state(step, key, value) VALUES(?,?,?)",
-                        (step, name, value),
-                    )
+                state[(step, k)] = value
             elif kind == _DEDUP:
-                if value is None:
-                    self.conn.execute("DELETE FROM dedup WHERE step=? AND id=?", (step, name))
-                else:
-                    seen, outcome = _msgpack_dec.decode(value)
-                    self.conn.execute(
-                        "INSERT OR REPLACE INTO dedup(step, id, seen, outcome) VALUES(?,?,?,?)",
-                        (step, name, seen, outcome),
-                    )
+                dedup[(step, k)] = value
             elif kind == _EFFECT and value is not None:
-                self.conn.execute(
-                    "INSERT OR REPLACE INTO effects(sink, key, off, idx, payload, status, "
-                    "response, error) VALUES(?,?,?,?,?,?,?,?)",
-                    (step, name, *_msgpack_dec.decode(value)),
-                )
-            n += 1
-        self.conn.execute(
-            "INSERT OR REPLACE INTO meta(k, v) VALUES('changelog_next', ?)", (next_offset,)
+                effects[(step, k.decode("utf-8", "surrogateescape"))] = value
+        self.conn.execute("BEGIN")
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO state(step, key, value) VALUES(?,?,?)",
+            [(step, k, v) for (step, k), v in state.items() if v is not None],
         )
+        self.conn.executemany(
+            "DELETE FROM state WHERE step=? AND key=?",
+            [sk for sk, v in state.items() if v is None],
+        )
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO dedup(step, id, seen, outcome) VALUES(?,?,?,?)",
+            [(step, k, *_msgpack_dec.decode(v)) for (step, k), v in dedup.items() if v is not None],
+        )
+        self.conn.executemany(
+            "DELETE FROM dedup WHERE step=? AND id=?",
+            [sk for sk, v in dedup.items() if v is None],
+        )
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO effects(sink, key, off, idx, payload, status, "
+            "response, error) VALUES(?,?,?,?,?,?,?,?)",
+            [(sink, k, *_msgpack_dec.decode(v)) for (sink, k), v in effects.items()],
+        )
+        self._mark(next_offset)
         self.conn.execute("COMMIT")
         return n
+
+    def touch(self) -> None:
+        """Nothing new in the changelog: the store is still current, as of now."""
+        self.conn.execute("BEGIN")
+        self._mark(self.next_offset)
+        self.conn.execute("COMMIT")
+
+    def _mark(self, next_offset: int) -> None:
+        now = time.time()
+        self.conn.executemany(
+            "INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)",
+            [("changelog_next", next_offset), ("synced_ms", int(now * 1000))],
+        )
+        self.synced = now
 
     def pending_effects(self, sink: str) -> list[tuple[str, int, int, bytes]]:
         """(key, input offset, output index, payload) of each pending intent, in order."""
@@ -246,7 +305,7 @@ class LocalStore:
 
 
 def changelog_key(kind: bytes, step: str, key: str) -> bytes:
-    return kind + b"\x00" + step.encode() + b"\x00" + key.encode()
+    return kind + b"\x00" + step.encode() + b"\x00" + encode_key(key)
 
 
 class KafkaSession:
@@ -295,6 +354,15 @@ class KafkaSession:
         # Per partition, the offset an external sink recorded as done: never read below.
         self.floors: dict[TP, int] = {}
         self.fenced = False
+        # Fenced by the group only (its generation moved on): the producer still works,
+        # and aborts its transaction rather than leave it open until it times out.
+        self._group_fenced = False
+        self._sent_offsets = False
+        self._closing = False
+        # Per input topic, how long its changelog keeps tombstones (read at start).
+        self._tombstone_s: dict[str, float] = {}
+        # Faults at the restore's steps (ONCEFLOW_CRASH_AT / ONCEFLOW_PAUSE_AT).
+        self.crash = from_env()
 
     # -- names ----------------------------------------------------------------------
 
@@ -326,6 +394,26 @@ class KafkaSession:
                     f"{self.partitions_of(topic)}: they must be co-partitioned. Operator "
                     "action: recreate the changelog with the input's partition count"
                 )
+        self._read_tombstone_retention()
+
+    def _read_tombstone_retention(self) -> None:
+        """delete.retention.ms of each changelog, as the broker applies it (the topic's
+        own setting or the cluster's default), for `_restore_from`."""
+        admin = self.ck.admin
+        topics = {self.url.topic(self.changelog(t)): t for t in set(self.step_topics.values())}
+        if not topics:
+            return
+        futures = self.admin.describe_configs(
+            [admin.ConfigResource(admin.ResourceType.TOPIC, name) for name in topics],
+            request_timeout=TXN_TIMEOUT_S,
+        )
+        for resource, fut in futures.items():
+            try:
+                entry = fut.result().get("delete.retention.ms")
+            except self.ck.KafkaException as exc:
+                raise StoreError(f"cannot read the config of '{resource.name}': {exc}") from exc
+            if entry is not None and entry.value is not None:
+                self._tombstone_s[topics[resource.name]] = int(entry.value) / 1000.0
 
     def _create(self, wanted: dict[str, tuple[int, dict[str, str]]]) -> None:
         md = self.admin.list_topics(timeout=TXN_TIMEOUT_S)
@@ -481,50 +569,81 @@ class KafkaSession:
     # -- rebalances -----------------------------------------------------------------
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        """Take partitions over, in this order (each step needs the one before):
+
+        1. read their committed offsets once they are stable: with read_committed the
+           broker holds the answer while a transaction that sent offsets for them is
+           open (KIP-447), here a paused previous owner's, until it commits, aborts or
+           times out; no offset can be committed for them after that, since the group
+           generation fences every other member;
+        2. bring their local stores to the changelog's end as of then (`_restore`): the
+           state of exactly those offsets;
+        3. let sinks resolve what is in doubt, then read the inputs from exactly those
+           offsets (or where a sink recorded it is done, if that is further).
+
+        Restoring first and letting the consumer fetch the offsets after, as before,
+        lets a previous owner's paused transaction commit in between: newer offsets
+        with older state."""
+        if self._closing or not partitions:
+            return
         t0 = time.monotonic()
-        restored = 0
-        for tp in partitions:
-            topic = self.url.strip(tp.topic)
-            key = (topic, tp.partition)
+        keys = [(self.url.strip(tp.topic), tp.partition) for tp in partitions]
+        for key in keys:
             self._eof.discard(key)
             if key not in self.assigned:
                 self.assigned.append(key)
-            if topic in set(self.step_topics.values()):
-                restored += self._restore(topic, tp.partition)
+        offsets = self._stable_offsets(keys)
+        stateful = set(self.step_topics.values())
+        restored = self._restore([tp for tp in keys if tp[0] in stateful])
         # Caches are not touched here: partitions held before are still held, and the
         # state of new ones was never cached (a revoke drops caches in `_drop`).
-        if partitions:
-            self._start_from_floors(partitions)
-            log.info(
-                "worker %d assigned %s; restored %d changelog records in %.2fs",
-                self.worker,
-                ", ".join(f"{self.url.strip(tp.topic)}[{tp.partition}]" for tp in partitions),
-                restored,
-                time.monotonic() - t0,
-            )
-
-    def _start_from_floors(self, partitions: list[Any]) -> None:
-        """Sinks resolve what is in doubt on the new partitions first; where one of them
-        recorded offsets ahead of the group's, reading starts there."""
-        keys = [(self.url.strip(tp.topic), tp.partition) for tp in partitions]
         self.floors.update(self.sinks_assigned(keys))
-        if not any(tp in self.floors for tp in keys):
-            return
-        committed = self.committed_of(keys)
-        ahead = {
-            tp: off for tp, off in self.floors.items() if tp in committed and off > committed[tp]
-        }
-        if not ahead:
-            return
-        log.warning("resuming %s from offsets recorded by a sink (ahead of the group)", ahead)
-        self.consumer.assign(
+        ahead = {tp: off for tp, off in self.floors.items() if tp in offsets and off > offsets[tp]}
+        if ahead:
+            log.warning("resuming %s from offsets recorded by a sink (ahead of the group)", ahead)
+        offsets.update(ahead)
+        consumer.assign(
             [
                 self.ck.TopicPartition(
-                    self.url.topic(t), p, ahead.get((t, p), self.ck.OFFSET_INVALID)
+                    self.url.topic(t), p, off if off >= 0 else self.ck.OFFSET_BEGINNING
                 )
-                for t, p in keys
+                for (t, p), off in offsets.items()
             ]
         )
+        log.info(
+            "worker %d assigned %s; restored %d changelog records in %.2fs",
+            self.worker,
+            ", ".join(f"{t}[{p}]" for t, p in keys),
+            restored,
+            time.monotonic() - t0,
+        )
+
+    def _stable_offsets(self, keys: list[TP]) -> dict[TP, int]:
+        """The group's committed offsets of `keys` (negative where none), once no
+        transaction that sent offsets for them is open. librdkafka asks with
+        require_stable under read_committed and retries the broker's
+        UNSTABLE_OFFSET_COMMIT until its timeout; here the wait has no bound, since
+        taking the partitions over before the transaction ends is never safe."""
+        tps = [self.ck.TopicPartition(self.url.topic(t), p) for t, p in keys]
+        names = ", ".join(f"{t}[{p}]" for t, p in keys)
+        waiting = Waiting(log)
+        while True:
+            try:
+                got = self.consumer.committed(tps, timeout=_STABLE_WAIT_S)
+                err = next((tp.error for tp in got if tp.error is not None), None)
+            except self.ck.KafkaException as exc:
+                err = exc.args[0]
+            if err is None:
+                waiting.over(f"worker {self.worker}: committed offsets of {names} are stable")
+                return {(self.url.strip(tp.topic), tp.partition): tp.offset for tp in got}
+            if not transient(self.ck, err):
+                raise StoreError(f"cannot read the committed offsets of {names}: {err}")
+            waiting(
+                f"worker {self.worker}: committed offsets of {names} are not stable yet "
+                f"({err.str()}): a previous owner's transaction on them is still open (it "
+                "ends when that owner commits or aborts, or when it times out), or the "
+                "broker is unreachable"
+            )
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         self.before_revoke()
@@ -546,61 +665,191 @@ class KafkaSession:
         self.sinks_revoked(keys)
         self.assignment_changed()
 
-    def _restore(self, topic: str, part: int) -> int:
-        """Bring the partition's local store up to the changelog's end."""
-        path = os.path.join(self.state_dir, f"{topic}-{part}.db")
-        store = self.local.get((topic, part)) or LocalStore(path)
-        self.local[(topic, part)] = store
-        cl = self.url.topic(self.changelog(topic))
+    def _restore(self, parts: list[TP]) -> int:
+        """Bring the local stores of `parts` to their changelogs' end as of now, all
+        together. The end is the high watermark read now (after the offsets became
+        stable), reached when read_committed fetching gets there: the end of partition
+        the fetcher reports is the last stable offset, so a transaction still open below
+        the high watermark is waited for, never stepped over. Whatever committed before
+        the offsets were read is below that watermark, so the stores then hold the state
+        of exactly those offsets. There is no "idle for a while, so done": on a loaded
+        machine an empty poll says nothing."""
+        if not parts:
+            return 0
+        for topic, part in parts:
+            if (topic, part) not in self.local:
+                path = os.path.join(self.state_dir, f"{topic}-{part}.db")
+                self.local[(topic, part)] = LocalStore(path)
+        todo: dict[TP, tuple[int, int]] = {}
+        for tp, (low, high) in self._changelog_ends(parts).items():
+            start = self._restore_from(tp, low, high)
+            if start < high:
+                todo[tp] = (start, high)
+        if not todo:
+            return 0
+        self.crash("restoring")
+        # Client-level errors (the broker is unreachable) come to error_cb, not to
+        # consume(): the restore reads them between batches.
+        errors: list[Any] = []
         c = self.ck.Consumer(
             {
                 "bootstrap.servers": self.url.bootstrap,
+                "logger": CLIENT_LOG,
+                # Not a line per failed connection attempt (dozens a second while the
+                # broker is down): the restore says once that it waits.
+                "log_level": 2,
+                "error_cb": errors.append,
                 "group.id": f"onceflow-restore-{os.getpid()}",
                 "isolation.level": "read_committed",
                 "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                # The end of a changelog is known from a fetch that returns nothing; the
+                # default 500 ms wait for data would be spent on every restore.
+                "fetch.wait.max.ms": 10,
             }
         )
         try:
-            tp = self.ck.TopicPartition(cl, part)
-            low, high = _retrying(
-                self.ck,
-                lambda: c.get_watermark_offsets(tp, timeout=TXN_TIMEOUT_S, cached=False),
-                f"reading {cl}",
-            )
-            start = store.next_offset
-            if start > high:
-                # The changelog is shorter than the local copy claims: it was recreated,
-                # or this store belongs elsewhere. The changelog is the truth.
-                store.wipe()
-                start = low
-            if start < low:
-                # The local copy is older than what compaction kept: rebuild it whole.
-                store.wipe()
-                start = low
-            if start >= high:
-                return 0
-            c.assign([self.ck.TopicPartition(cl, part, start)])
-            n = 0
-            t0 = time.monotonic()
-            idle = 0
-            while True:
-                msgs = c.consume(5000, 0.5)
-                recs = [(m.key(), m.value()) for m in msgs if not m.error()]
-                pos = c.position([tp])[0].offset
-                if recs:
-                    n += store.apply(recs, max(pos, 0))
-                    idle = 0
-                    if n % 50_000 < len(recs):
-                        log.info("restoring %s[%d]: %d records", topic, part, n)
-                else:
-                    idle += 1
-                if pos >= high or idle >= 4 or time.monotonic() - t0 > 600:
-                    break
-            store.apply([], max(c.position([tp])[0].offset, start))
-            log.info("restored %s[%d]: %d records in %.2fs", topic, part, n, time.monotonic() - t0)
-            return n
+            return self._read_changelogs(c, todo, errors)
         finally:
             c.close()
+
+    def _restore_from(self, tp: TP, low: int, high: int) -> int:
+        """Where the restore of `tp` starts, its changelog being [low, high) now."""
+        topic, part = tp
+        store = self.local[tp]
+        start = store.next_offset
+        stale = None
+        if start == 0:
+            start = low  # a new copy
+        elif start > high:
+            stale = (
+                "the changelog is shorter than the local copy (recreated, or the copy "
+                "belongs elsewhere)"
+            )
+        elif start < low:
+            stale = "the changelog's start moved past the local copy"
+        elif start < high and time.time() - store.synced > self._tombstones_kept(topic) / 2:
+            # Compaction drops a tombstone delete.retention.ms after it cleaned it: a
+            # copy last current longer ago than that, replayed from where it stopped,
+            # may miss deletes, and the deleted keys would come back. Half of it: the
+            # broker's clock is not ours. (A copy with nothing to replay is current.)
+            stale = "the local copy is older than the changelog keeps tombstones"
+        if stale is not None:
+            log.info("%s[%d]: %s; rebuilding it from the changelog", topic, part, stale)
+            store.wipe()
+            start = low
+        if start >= high:
+            store.touch()
+        return start
+
+    def _changelog_ends(self, parts: list[TP]) -> dict[TP, tuple[int, int]]:
+        """(log start, high watermark) of the changelog partition of each of `parts`.
+        Asked read_uncommitted: under read_committed, ListOffsets answers the last
+        stable offset, which stops at an open transaction, and commits after it would
+        be left out of the restore."""
+        admin = self.ck.admin
+        names = {self.url.topic(self.changelog(t)): t for t, _ in parts}
+        tps = [self.ck.TopicPartition(self.url.topic(self.changelog(t)), p) for t, p in parts]
+        waiting = Waiting(log)
+        while True:
+            try:
+                asked = [
+                    self.admin.list_offsets(
+                        {tp: spec for tp in tps},
+                        isolation_level=self.ck.IsolationLevel.READ_UNCOMMITTED,
+                        request_timeout=_STABLE_WAIT_S,
+                    )
+                    for spec in (admin.OffsetSpec.earliest(), admin.OffsetSpec.latest())
+                ]
+                low, high = (
+                    {(names[tp.topic], tp.partition): int(f.result().offset) for tp, f in a.items()}
+                    for a in asked
+                )
+                waiting.over("restoring state: the changelogs' ends are known")
+                return {tp: (low[tp], high[tp]) for tp in parts}
+            except self.ck.KafkaException as exc:
+                if not transient(self.ck, exc.args[0]):
+                    raise StoreError(
+                        f"restoring state: reading the changelogs' ends: {exc}"
+                    ) from exc
+                waiting(f"restoring state: cannot read the changelogs' ends ({exc.args[0]})")
+
+    def _read_changelogs(self, c: Any, todo: dict[TP, tuple[int, int]], errors: list[Any]) -> int:
+        """Apply the changelog records of every partition in `todo` from its start until
+        the fetcher's end of partition reaches its high watermark."""
+        by_name = {self.url.topic(self.changelog(t)): t for t, _ in todo}
+        c.assign(
+            [
+                self.ck.TopicPartition(self.url.topic(self.changelog(t)), p, start)
+                for (t, p), (start, _) in todo.items()
+            ]
+        )
+        t0 = progress = time.monotonic()
+        n = 0
+        # One wait at a time is logged: an outage also stalls the restore.
+        waiting = Waiting(log)
+        held: set[TP] = set()
+        left = dict(todo)
+        while left:
+            recs: dict[TP, list[tuple[bytes, bytes | None]]] = {}
+            last: dict[TP, int] = {}
+            ends: dict[TP, int] = {}
+            # consume() returns when it has the batch or after its timeout: a short one,
+            # so that the end of the last partition is noticed at once.
+            for m in c.consume(10_000, 0.02):
+                err = m.error()
+                if err is None:
+                    tp = (by_name[m.topic()], m.partition())
+                    recs.setdefault(tp, []).append((m.key(), m.value()))
+                    last[tp] = m.offset()
+                elif err.code() == self.ck.KafkaError._PARTITION_EOF:
+                    ends[(by_name[m.topic()], m.partition())] = m.offset()
+                else:
+                    errors.append(err)
+            for err in errors:
+                if err.fatal() or not transient(self.ck, err):
+                    raise StoreError(f"restoring state: Kafka consumer error: {err}")
+                # The client reconnects by itself; the restore goes on from where it
+                # was when the broker is back.
+                waiting(f"restoring state: the broker is unreachable ({err})", sleep=False)
+            errors.clear()
+            if recs or ends:
+                progress = time.monotonic()
+                waiting.over("restoring state: the changelogs are readable again")
+            elif time.monotonic() - progress > _STALL_LOG_S:
+                waiting(
+                    "restoring state: nothing new from "
+                    + ", ".join(f"{t}[{p}]" for t, p in left)
+                    + f" for {_STALL_LOG_S:.0f}s, short of the end: a transaction there is "
+                    "still open, or the broker is slow or unreachable",
+                    sleep=False,
+                )
+            for tp, batch in recs.items():
+                n += self.local[tp].apply(batch, last[tp] + 1)
+                if n // 100_000 != (n - len(batch)) // 100_000:
+                    log.info("restoring: %d changelog records so far", n)
+            for tp, end in ends.items():
+                if tp not in left:
+                    continue
+                if end >= left[tp][1]:
+                    self.local[tp].apply([], end)
+                    del left[tp]
+                elif tp not in held:
+                    held.add(tp)
+                    log.warning(
+                        "restoring %s[%d]: its changelog is readable up to offset %d of %d: "
+                        "a transaction there is still open (a previous owner's; it ends when "
+                        "that owner commits or aborts, or when it times out); waiting for it",
+                        *tp,
+                        end,
+                        left[tp][1],
+                    )
+        log.info("restored %d changelog records in %.2fs", n, time.monotonic() - t0)
+        return n
+
+    def _tombstones_kept(self, topic: str) -> float:
+        """Seconds the changelog of `topic` keeps a tombstone after compaction saw it."""
+        return self._tombstone_s.get(topic, _DEFAULT_TOMBSTONE_S)
 
     # -- reading --------------------------------------------------------------------
 
@@ -616,10 +865,15 @@ class KafkaSession:
         tps = [self.ck.TopicPartition(self.url.topic(t), p) for t, p in parts]
         if not tps:
             return {}
-        return {
-            (self.url.strip(tp.topic), tp.partition): tp.offset
-            for tp in self.consumer.committed(tps, timeout=TXN_TIMEOUT_S)
-        }
+        got = self.consumer.committed(tps, timeout=TXN_TIMEOUT_S)
+        for tp in got:
+            # A partition-level error comes with no offset: read as "none committed", it
+            # would rewind the partition to its start.
+            if tp.error is not None:
+                raise StoreError(
+                    f"cannot read the committed offset of {tp.topic}[{tp.partition}]: {tp.error}"
+                )
+        return {(self.url.strip(tp.topic), tp.partition): tp.offset for tp in got}
 
     def rewind(self) -> dict[tuple[str, int], int]:
         """Back to the last commit: seek every held partition to its committed offset,
@@ -649,11 +903,10 @@ class KafkaSession:
             b = by_topic.get(topic)
             if b is None:
                 b = by_topic[topic] = Batch(topic, [], [], [], [], [], [])
-            key = m.key()
             _headers, eid = decode_headers(m.headers())
             b.parts.append(m.partition())
             b.offs.append(m.offset())
-            b.keys.append(None if key is None else key.decode(errors="replace"))
+            b.keys.append(decode_key(m.key()))
             b.raws.append(m.value() or b"")
             b.tss.append(m.timestamp()[1] / 1000.0)
             b.ids.append(eid)
@@ -716,12 +969,18 @@ class KafkaSession:
             fenced = self._fenced(exc)
             if fenced is not None:
                 self.fenced = True
+                self._group_fenced = exc.args[0].code() in (
+                    self.ck.KafkaError.ILLEGAL_GENERATION,
+                    self.ck.KafkaError.UNKNOWN_MEMBER_ID,
+                    self.ck.KafkaError.FENCED_INSTANCE_ID,
+                )
                 raise fenced from exc
             raise
 
     def begin(self) -> Any:
         self._pending = {}
         self._produced = {}
+        self._sent_offsets = False
         self._guard(self.producer.begin_transaction)
         return self
 
@@ -765,7 +1024,7 @@ class KafkaSession:
                 self._produce(
                     topic,
                     part,
-                    None if key is None else key.encode(),
+                    None if key is None else encode_key(key),
                     cols.values[i],
                     encode_headers(None if hdrs is None else hdrs[i], cols.ids[i]),
                     cols.tss[i],
@@ -881,6 +1140,7 @@ class KafkaSession:
                 "send_offsets_to_transaction",
             )
         )
+        self._sent_offsets = True
 
     def commit_offsets(self, positions: dict[tuple[str, int], int]) -> None:
         """At-least-once: offsets through the group, after the outputs' transaction."""
@@ -902,6 +1162,15 @@ class KafkaSession:
 
     def rollback(self, txn: Any) -> None:
         self._pending = {}
+        if self._group_fenced:
+            # A zombie the group fenced (it resumed after its partitions moved) still has
+            # a working producer: its open transaction would hold the changelog's end,
+            # and the new owner's restore, until it times out. Never a new producer here.
+            self._group_fenced = False
+            producer = self.producer
+            with contextlib.suppress(Exception):
+                _bounded(lambda: producer.abort_transaction(TXN_TIMEOUT_S), "abort_transaction")
+            return
         if self.fenced:
             return
         try:
@@ -940,11 +1209,24 @@ class KafkaSession:
             # Transaction markers take an offset after the last record.
             nxt = store.next_offset if last is None else last + 1
             store.apply(records, nxt)
+        # A commit with offsets, which the group accepts only from a member of the
+        # current generation, shows that no one else wrote to the held partitions'
+        # changelogs since they were restored: their stores are current.
+        now = time.time()
+        for tp, store in self.local.items():
+            if (
+                self._sent_offsets
+                and tp not in self._pending
+                and now - store.synced > _SYNC_REFRESH_S
+            ):
+                store.touch()
         self._pending = {}
 
     def close(self) -> None:
         # Whatever is in flight was committed by the App or must die with it, as after a
-        # kill: leaving the group must not commit from a revoke callback.
+        # kill: leaving the group must not commit from a revoke callback, nor an
+        # assignment arriving while the consumer closes restore anything.
+        self._closing = True
         self.before_revoke = lambda: None
         self.assignment_changed = lambda: None
         self.sinks_revoked = lambda parts: None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,26 @@ def murmur2(data: bytes) -> int:
     return h
 
 
+# Kafka keys and ids are bytes; onceflow hands them to user code as str. Bytes that are
+# not UTF-8 become lone surrogates (U+DC80..U+DCFF) and go back to the same bytes: with
+# errors="replace" two keys differing only in such bytes shared one state, and outputs
+# lost their original key.
+_LOSSLESS = "surrogateescape"
+
+
+def decode_key(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", _LOSSLESS)
+
+
+def encode_key(key: str) -> bytes:
+    """The bytes a decoded key came from. A key a user function made with other lone
+    surrogates has no such bytes; it is written as the surrogates' own UTF-8 forms."""
+    try:
+        return key.encode("utf-8", _LOSSLESS)
+    except UnicodeEncodeError:
+        return key.encode("utf-8", "surrogatepass")
+
+
 def kafka_partition(key: str | None, partitions: int, fallback: int) -> int:
     """Java's default partitioner for keyed records; the input's partition otherwise."""
     if key is None:
@@ -104,15 +125,15 @@ def kafka_partition(key: str | None, partitions: int, fallback: int) -> int:
 @functools.lru_cache(maxsize=200_000)
 def _keyed_partition(key: str, partitions: int) -> int:
     # murmur2 in Python costs microseconds; keys repeat, so it is computed once each.
-    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
+    return (murmur2(encode_key(key)) & 0x7FFFFFFF) % partitions
 
 
 def encode_headers(
     headers: dict[str, str] | None, id: str | None
 ) -> list[tuple[str, bytes]] | None:
-    out = [(k, v.encode()) for k, v in (headers or {}).items()]
+    out = [(k, encode_key(v)) for k, v in (headers or {}).items()]
     if id is not None:
-        out.append((ID_HEADER, id.encode()))
+        out.append((ID_HEADER, encode_key(id)))
     return out or None
 
 
@@ -122,7 +143,9 @@ def decode_headers(raw: Any) -> tuple[dict[str, str] | None, str | None]:
     headers: dict[str, str] = {}
     eid = None
     for k, v in raw:
-        text = v.decode(errors="replace") if isinstance(v, bytes) else (v or "")
+        # Lossless like keys: two business ids that differ only in bytes that are not
+        # UTF-8 must stay two ids for `dedupe`.
+        text = v.decode("utf-8", _LOSSLESS) if isinstance(v, bytes) else (v or "")
         if k == ID_HEADER:
             eid = text
         else:
@@ -134,12 +157,11 @@ def message_record(msg: Any, topic: str) -> Record:
     """A confluent-kafka message as the Record the public API returns (under its
     topic's name without the namespace)."""
     headers, eid = decode_headers(msg.headers())
-    key = msg.key()
     return Record(
         topic,
         msg.partition(),
         msg.offset(),
-        None if key is None else key.decode(errors="replace"),
+        decode_key(msg.key()),
         msg.value() or b"",
         headers,
         msg.timestamp()[1] / 1000.0,
@@ -164,3 +186,51 @@ def is_outage(exc: BaseException) -> bool:
         ck.KafkaError.INVALID_MSG_SIZE,
     }
     return callable(code) and code() not in refused
+
+
+def transient(ck: Any, err: Any) -> bool:
+    """A client error that the broker coming back (or a pending transaction ending)
+    clears by itself: waited out, never reported as a failure."""
+    return bool(err.retriable()) or err.code() in (
+        ck.KafkaError._TRANSPORT,
+        ck.KafkaError._ALL_BROKERS_DOWN,
+        ck.KafkaError._TIMED_OUT,
+        ck.KafkaError._WAIT_COORD,
+        ck.KafkaError._UNKNOWN_PARTITION,
+        ck.KafkaError.REQUEST_TIMED_OUT,
+        ck.KafkaError.NOT_COORDINATOR,
+        ck.KafkaError.COORDINATOR_NOT_AVAILABLE,
+        ck.KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        ck.KafkaError.LEADER_NOT_AVAILABLE,
+        ck.KafkaError.NOT_LEADER_FOR_PARTITION,
+        ck.KafkaError.UNKNOWN_TOPIC_OR_PART,
+        ck.KafkaError.UNSTABLE_OFFSET_COMMIT,
+    )
+
+
+class Waiting:
+    """Waits out a condition that clears by itself (an outage, another process's open
+    transaction): says so once in the log, backs off, and says when it is over. A log
+    line per retry would bury everything else during a long outage."""
+
+    def __init__(self, log: logging.Logger, first: float = 0.05, cap: float = 2.0) -> None:
+        self.log = log
+        self.first = self.delay = first
+        self.cap = cap
+        self.since: float | None = None
+
+    def __call__(self, why: str, sleep: bool = True) -> None:
+        """One more round of waiting, for `why` (logged the first time only)."""
+        if self.since is None:
+            self.since = time.monotonic()
+            self.log.warning("%s; waiting, onceflow resumes by itself", why)
+        if sleep:
+            time.sleep(self.delay)
+            self.delay = min(self.cap, self.delay * 2)
+
+    def over(self, what: str) -> None:
+        """The condition cleared: the next one is logged again."""
+        if self.since is not None:
+            self.log.warning("%s after waiting %.1fs", what, time.monotonic() - self.since)
+        self.since = None
+        self.delay = self.first
