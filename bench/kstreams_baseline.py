@@ -106,12 +106,13 @@ def find_tools() -> tuple[str, str]:
     repo = str(BENCH_DIR.parent)
     if repo not in sys.path:
         sys.path.insert(0, repo)
-    from infra.kafka_broker import KafkaUnavailable, find_java
+    from infra.kafka_broker import ENABLE_HINT, KafkaUnavailable, find_java
 
     try:
         java = find_java()
     except KafkaUnavailable as exc:
-        raise KStreamsUnavailable(f"{exc}\n{HINT}") from exc
+        # Its hint is the broker's (a JRE is enough there); ours names the JDK.
+        raise KStreamsUnavailable(f"{str(exc).replace(ENABLE_HINT, '').strip()} {HINT}") from exc
     javac = Path(java).resolve().parent / "javac"
     if not os.access(javac, os.X_OK) and shutil.which("javac") is None:
         raise KStreamsUnavailable(f"{java} has no `javac` beside it (a JRE, not a JDK). {HINT}")
