@@ -353,6 +353,9 @@ class BaselineRun:
     commits: int | None
     version: str
     load: Load
+    # Kafka Streams: its stream thread's metrics (commit latency, share of time polling,
+    # processing, committing), to tell where a slow run's time went.
+    thread_metrics: dict[str, float] | None = None
 
 
 class BaselineFailed(Exception):
@@ -455,6 +458,7 @@ def kstreams_sum_run(
         row.get("commits"),
         str(row["version"]),
         Load.of(load),
+        row.get("thread_metrics"),
     )
 
 
@@ -551,7 +555,8 @@ def measure_throughput(
                 fig.kstreams[g].append(k)
                 log(
                     f"round {n + 1}/{args.runs} kafka-streams {g}: {k.seconds:.2f}s "
-                    f"(to RUNNING {k.setup_seconds or 0:.2f}s, {k.commits} commits), "
+                    f"(to RUNNING {k.setup_seconds or 0:.2f}s, {k.commits} commits of "
+                    f"{(k.thread_metrics or {}).get('commit_latency_avg', 0):.0f} ms avg), "
                     f"{k.eps:,.0f} ev/s, load {k.load.mean:.1f} (max {k.load.max:.1f}), "
                     "outputs ok"
                 )
@@ -583,6 +588,7 @@ class WindowRun:
     results: int  # final window results, all verified
     version: str
     load: Load
+    thread_metrics: dict[str, float] | None = None
 
 
 @dataclass
@@ -660,6 +666,7 @@ def measure_windows(kafka: Kafka, args: argparse.Namespace, kst: KStreams) -> Wi
                 results,
                 str(row["version"]),
                 Load.of(load),
+                row.get("thread_metrics"),
             )
             fig.runs.append(run)
             log(

@@ -206,19 +206,42 @@ public final class KStreamsBench {
     return p;
   }
 
-  /** The sum of Kafka Streams' thread-level commit counters (how many commits it made). */
-  static long commits(KafkaStreams streams) {
-    double total = 0;
+  /** Thread-level metrics that say where the stream thread's time went. */
+  private static final List<String> THREAD_METRICS =
+      List.of(
+          "commit-total",
+          "commit-latency-avg",
+          "commit-latency-max",
+          "poll-latency-avg",
+          "process-latency-avg",
+          "poll-ratio",
+          "process-ratio",
+          "commit-ratio",
+          "punctuate-ratio");
+
+  /**
+   * The stream thread's metrics of THREAD_METRICS (one thread), keyed by name with "-" as
+   * "_"; latencies in ms, ratios are the share of the thread's time (over the last 30 s
+   * sample window, Kafka Streams' default).
+   */
+  static Map<String, Object> threadMetrics(KafkaStreams streams) {
+    Map<String, Object> out = new LinkedHashMap<>();
     for (Map.Entry<MetricName, ? extends Metric> e : streams.metrics().entrySet()) {
       MetricName n = e.getKey();
-      if (n.name().equals("commit-total") && n.group().equals("stream-thread-metrics")) {
+      if (n.group().equals("stream-thread-metrics") && THREAD_METRICS.contains(n.name())) {
         Object v = e.getValue().metricValue();
-        if (v instanceof Number num) {
-          total += num.doubleValue();
+        if (v instanceof Number num && !Double.isNaN(num.doubleValue())) {
+          out.put(n.name().replace('-', '_'), Math.round(num.doubleValue() * 1000) / 1000.0);
         }
       }
     }
-    return Math.round(total);
+    return out;
+  }
+
+  /** How many commits the stream thread made. */
+  static long commits(Map<String, Object> metrics) {
+    Object v = metrics.get("commit_total");
+    return v instanceof Number num ? Math.round(num.doubleValue()) : -1;
   }
 
   /** The end offset of every partition of the (complete) input topic. */
@@ -353,10 +376,11 @@ public final class KStreamsBench {
     long t0 = System.nanoTime();
     streams.start();
     stopped.await();
-    long commits = commits(streams);
+    Map<String, Object> metrics = threadMetrics(streams);
     boolean closed = streams.close(Duration.ofSeconds(60));
     row.put("setup_s", runningAt.get() == 0 ? null : seconds(runningAt.get() - t0));
-    row.put("commits", commits);
+    row.put("commits", commits(metrics));
+    row.put("thread_metrics", metrics);
     row.put("closed", closed);
     Throwable f = failure.get();
     if (f != null) {
@@ -411,7 +435,7 @@ public final class KStreamsBench {
         }
         Thread.sleep(a.pollMs);
       }
-      long commits = commits(streams);
+      Map<String, Object> metrics = threadMetrics(streams);
       long c0 = System.nanoTime();
       boolean closed = streams.close(Duration.ofSeconds(60));
       long c1 = System.nanoTime();
@@ -420,7 +444,8 @@ public final class KStreamsBench {
       row.put("seconds", secs);
       row.put("eps", Math.round(events / ((t1 - t0) / 1e9) * 10) / 10.0);
       row.put("setup_s", runningAt.get() == 0 ? null : seconds(runningAt.get() - t0));
-      row.put("commits", commits);
+      row.put("commits", commits(metrics));
+      row.put("thread_metrics", metrics);
       row.put("offset_polls", polls);
       row.put("last_poll_s", seconds(lastPollNanos));
       row.put("close_s", seconds(c1 - c0));
