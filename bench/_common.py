@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -121,6 +122,111 @@ class SumChecker:
             raise Mismatch(f"{len(bad)} keys end on a wrong sum, e.g. acct-{bad[0]}")
 
 
+# -- the window workload ----------------------------------------------------------------
+#
+# The same events (`event_bytes`, keyed by account), with event time in the record
+# timestamp: event i happens at t0 + i * 1000 // WINDOW_RATE ms, so time advances by one
+# second every WINDOW_RATE events and each 1-second window holds WINDOW_RATE / K events
+# of every key. Timestamps never go back within a partition (the input is produced in
+# order of i), so no record is late. A window [w, w + size) closes, in every engine
+# that keeps event time per input partition (Kafka Streams' stream time, Quix's and
+# onceflow's watermarks), once that partition has seen a timestamp >= w + size + grace;
+# the last window of the input never closes (nothing later arrives), by design, so
+# the expected results do not depend on wall-clock idleness.
+
+WINDOW_MS = 1000
+WINDOW_RATE = 10_000  # events per second of event time
+WINDOW_GRACE_MS = 0
+
+
+def window_t0_ms(now: float | None = None, window_ms: int = WINDOW_MS) -> int:
+    """The first event's time: an hour ago, on a window boundary (windows are aligned
+    to the epoch). Not older: a broker deletes records older than its retention (7
+    days by default) by their timestamps, and a window store's changelog has a retention
+    of a day. Not newer than now: Kafka 4 rejects timestamps over an hour ahead."""
+    ms = int((time.time() if now is None else now) * 1000) - 3_600_000
+    return ms - ms % window_ms
+
+
+def window_event_ms(i: int, t0_ms: int, rate: int = WINDOW_RATE) -> int:
+    return t0_ms + i * 1000 // rate
+
+
+def expected_windows(
+    events: int,
+    keys: int,
+    t0_ms: int,
+    *,
+    window_ms: int = WINDOW_MS,
+    grace_ms: int = WINDOW_GRACE_MS,
+    rate: int = WINDOW_RATE,
+) -> dict[tuple[int, int], int]:
+    """The final sum of every window that the input closes: (key index, window start ms)
+    -> sum of `amount`, by a plain loop over the events.
+
+    Raises ValueError when a window would close in some partitions only (its end + grace
+    lies between the earliest and the latest last timestamp of a key): then what is
+    emitted would depend on how keys fall on partitions, and engines could not be
+    compared. Whole seconds of events with rate a multiple of keys never do that.
+    """
+    if events < keys:
+        raise ValueError(f"the window workload needs at least one event per key ({keys})")
+    sums: dict[tuple[int, int], int] = {}
+    for i in range(events):
+        ts = t0_ms + i * 1000 // rate
+        w = (ts // window_ms) * window_ms
+        kw = (i % keys, w)
+        sums[kw] = sums.get(kw, 0) + (i * 7919) % 1000
+    # The last event of key k is event events - keys + k (keys are i % keys).
+    last = [t0_ms + i * 1000 // rate for i in range(events - keys, events)]
+    earliest, latest = min(last), max(last)
+    closed: dict[tuple[int, int], int] = {}
+    for (key, w), total in sums.items():
+        end = w + window_ms + grace_ms
+        if earliest < end <= latest:
+            raise ValueError(
+                f"window {w} (end + grace {end}) closes in some partitions only: "
+                f"choose --window-events as a multiple of {rate} events (one second)"
+            )
+        if end <= earliest:
+            closed[(key, w)] = total
+    return closed
+
+
+class WindowChecker:
+    """Checks final window results: each expected (key, window) exactly once, with its
+    sum; nothing else. Feed it the parsed (key, window start ms, sum) of each output."""
+
+    def __init__(self, expected: dict[tuple[int, int], int]) -> None:
+        self.expected = expected
+        self.count = 0
+        self._seen: set[tuple[int, int]] = set()
+
+    def feed(self, key: bytes | str | None, start: int, total: int) -> None:
+        if isinstance(key, bytes):
+            key = key.decode()
+        if key is None or not key.startswith("acct-"):
+            raise Mismatch(f"window output {self.count} has key {key!r}, expected acct-<n>")
+        kw = (int(key[5:]), int(start))
+        if kw in self._seen:
+            raise Mismatch(f"window {start} of {key} emitted twice (output {self.count})")
+        want = self.expected.get(kw)
+        if want is None:
+            raise Mismatch(f"window {start} of {key} was emitted but does not close (or exist)")
+        if int(total) != want:
+            raise Mismatch(f"window {start} of {key} has sum {total}, expected {want}")
+        self._seen.add(kw)
+        self.count += 1
+
+    def finish(self) -> None:
+        if self.count != len(self.expected):
+            missing = sorted(set(self.expected) - self._seen)
+            raise Mismatch(
+                f"{self.count} window results, expected {len(self.expected)}; "
+                f"missing e.g. window {missing[0][1]} of acct-{missing[0][0]}"
+            )
+
+
 # -- throughput ---------------------------------------------------------------------------
 
 
@@ -151,6 +257,49 @@ def check_run_stats(stats: RunStats, events: int) -> None:
             f"run stats: {stats.records_in} in, {stats.records_out} out, "
             f"{stats.dead_letters} dead letters; expected {events}, {events}, 0"
         )
+
+
+class LoadWatch:
+    """The machine's 1-minute load average during a run: when it started, and the mean
+    and the maximum of samples taken every `every` seconds until it ended (a thread; a
+    sample costs one read of /proc/loadavg).
+
+        with LoadWatch() as load:
+            run()
+        load.start, load.mean, load.max
+    """
+
+    def __init__(self, every: float = 0.5) -> None:
+        self.every = every
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="load-watch", daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            self.samples.append(os.getloadavg()[0])
+
+    def __enter__(self) -> LoadWatch:
+        self.samples.append(os.getloadavg()[0])
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(os.getloadavg()[0])
+
+    @property
+    def start(self) -> float:
+        return round(self.samples[0], 2)
+
+    @property
+    def mean(self) -> float:
+        return round(sum(self.samples) / len(self.samples), 2)
+
+    @property
+    def max(self) -> float:
+        return round(max(self.samples), 2)
 
 
 # -- latency ------------------------------------------------------------------------------
@@ -244,9 +393,12 @@ def tail_outputs(
 # -- Kafka plumbing (plain confluent-kafka clients, untimed) ------------------------------
 
 
-def produce_kafka_input(bootstrap: str, topic: str, events: int, keys: int) -> None:
+def produce_kafka_input(
+    bootstrap: str, topic: str, events: int, keys: int, t0_ms: int | None = None
+) -> None:
     """The N events, keyed by account, by a plain idempotent producer: the one input
-    path of onceflow's Kafka bench and of the Quix Streams baseline."""
+    path of onceflow's Kafka bench and of its Quix Streams and Kafka Streams baselines.
+    With `t0_ms`, each record's timestamp is its event time (`window_event_ms`)."""
     from confluent_kafka import KafkaError, Producer
 
     producer = Producer(
@@ -268,7 +420,11 @@ def produce_kafka_input(bootstrap: str, topic: str, events: int, keys: int) -> N
         value = event_bytes(i, keys)
         while True:
             try:
-                producer.produce(topic, value, key, on_delivery=on_delivery)
+                if t0_ms is None:
+                    producer.produce(topic, value, key, on_delivery=on_delivery)
+                else:
+                    ts = window_event_ms(i, t0_ms)
+                    producer.produce(topic, value, key, on_delivery=on_delivery, timestamp=ts)
                 break
             except BufferError:  # local queue full: let deliveries drain
                 producer.poll(0.05)
