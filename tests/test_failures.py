@@ -54,7 +54,7 @@ def test_poison_records_become_one_dead_letter_each(store: str, app_factory: Fac
         s = app.source("in")
         s.reduce(name="sum", fn=lambda a, v: a + v["n"], initial=0).to("sums")
         s.dedupe(
-            name="ids", key=lambda v: "\udcff" if v["pid"] == "bad" else v["pid"], ttl=3600
+            name="ids", key=lambda v: "\ud800" if v["pid"] == "bad" else v["pid"], ttl=3600
         ).map(lambda v: v["pid"]).to("firsts")
         s.key_by(lambda v: "\ud800" if v["acct"] == "bad" else v["acct"]).to("by-acct")
         return app

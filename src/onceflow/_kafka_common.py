@@ -108,11 +108,10 @@ def decode_key(raw: bytes | None) -> str | None:
 
 def encode_key(key: str) -> bytes:
     """The bytes a decoded key came from. A key a user function made with other lone
-    surrogates has no such bytes; it is written as the surrogates' own UTF-8 forms."""
-    try:
-        return key.encode("utf-8", _LOSSLESS)
-    except UnicodeEncodeError:
-        return key.encode("utf-8", "surrogatepass")
+    surrogates (U+D800..U+DC7F) stands for no bytes at all: it raises UnicodeEncodeError,
+    and its record becomes a dead letter, as on the embedded store, rather than being
+    written as bytes that would read back as another key."""
+    return key.encode("utf-8", _LOSSLESS)
 
 
 def kafka_partition(key: str | None, partitions: int, fallback: int) -> int:
