@@ -107,6 +107,17 @@ class KafkaProducerImpl:
                     "transaction.state.log.min.isr are no larger than the number of brokers"
                 ) from exc
 
+    def _gone_codes(self) -> set[int]:
+        """Delivery errors of an outage, or of the abort that follows one."""
+        return {
+            self.ck.KafkaError._MSG_TIMED_OUT,
+            self.ck.KafkaError._TIMED_OUT,
+            self.ck.KafkaError._TRANSPORT,
+            self.ck.KafkaError._ALL_BROKERS_DOWN,
+            self.ck.KafkaError._PURGE_QUEUE,
+            self.ck.KafkaError._PURGE_INFLIGHT,
+        }
+
     def _fence_codes(self) -> set[int]:
         return {
             self.ck.KafkaError._FENCED,
@@ -205,16 +216,20 @@ class KafkaProducerImpl:
         """One transaction: the results, or None when it was aborted (nothing stored)."""
         p = self.producer
         results: list[SendResult | None] = [None] * len(planned)
+        refused: list[Any] = []
 
         def delivered(i: int) -> Any:
             def cb(err: Any, msg: Any) -> None:
                 if err is None:
                     results[i] = SendResult(topic, msg.partition(), msg.offset(), False)
+                elif not (err.retriable() or err.code() in self._gone_codes()):
+                    refused.append(err)
 
             return cb
 
         began = time.monotonic()
         name = self.url.topic(topic)
+        committing = False
         try:
             p.begin_transaction()
             for i, (part, key, raw, hdrs) in enumerate(planned):
@@ -232,9 +247,10 @@ class KafkaProducerImpl:
                         break
                     except BufferError:
                         p.poll(0.05)
+            committing = True
             p.commit_transaction(max(1.0, min(deadline, began + _ATTEMPT_S) - time.monotonic()))
         except self.ck.KafkaException as exc:
-            self._failed(topic, exc, time.monotonic() - began)
+            self._failed(topic, exc, time.monotonic() - began, committing, refused)
             return None
         if any(r is None for r in results):
             p.poll(0)
@@ -242,9 +258,11 @@ class KafkaProducerImpl:
             raise StoreError(f"send to '{topic}' committed without a delivery report")
         return [r for r in results if r is not None]
 
-    def _failed(self, topic: str, exc: Any, elapsed: float) -> None:
-        """After a failed transaction: returns if it was aborted (nothing of it is stored,
-        the send may go again), else raises the error that says what happened."""
+    def _failed(
+        self, topic: str, exc: Any, elapsed: float, committing: bool, refused: list[Any]
+    ) -> None:
+        """After a failed transaction: returns if it was aborted and may go again, else
+        raises the error that says what happened."""
         err = exc.args[0]
         if err.code() in self._fence_codes():
             late = (
@@ -258,12 +276,19 @@ class KafkaProducerImpl:
                 "this send was not acknowledged"
             )
             raise ProducerFencedError(self.producer_id, self.fenced) from exc
-        if err.txn_requires_abort():
+        if err.txn_requires_abort() or not committing:
             try:
                 self.producer.abort_transaction(_TIMEOUT_S)
             except self.ck.KafkaException:
                 # The next attempt's new producer aborts it, whatever state it is in.
                 self.producer = None
+            # Not committed: an outage is waited out by sending again; a record the
+            # broker or the client refuses would be refused again.
+            if refused or not committing:
+                raise StoreError(
+                    f"send to '{topic}' was refused ({(refused or [err])[0]}); nothing of it "
+                    "is stored. Operator action: fix the records (size, topic) and send again"
+                ) from exc
             return None
         # A commit that timed out or failed otherwise may still land: a request of it
         # can be delayed past a later transaction's start (librdkafka has no KIP-890), so

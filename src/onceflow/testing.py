@@ -108,13 +108,24 @@ class Report:
     snapshot: Snapshot
 
 
-def send(store: str, events: Iterable[Event], *, batch: int = 1000) -> int:
+def send(
+    store: str,
+    events: Iterable[Event],
+    *,
+    batch: int = 1000,
+    producers: dict[str, Producer] | None = None,
+) -> int:
     """Send events in order, each producer id keeping its sequences. Returns how many.
 
     Consecutive events of one producer and topic go in one durable batch; order within
-    every partition is the order of `events` either way.
+    every partition is the order of `events` either way. Each producer id gets a new
+    session (a `Producer`) for the call, closed at its end; a caller that sends many
+    times, as a long-running client would, passes `producers` (producer id -> Producer)
+    to keep its sessions open across calls and closes them itself.
     """
-    producers: dict[str, Producer] = {}
+    own = producers is None
+    if producers is None:
+        producers = {}
     n = 0
     run: list[Event] = []
 
@@ -146,8 +157,9 @@ def send(store: str, events: Iterable[Event], *, batch: int = 1000) -> int:
             n += 1
         flush()
     finally:
-        for p in producers.values():
-            p.close()
+        if own:
+            for p in producers.values():
+                p.close()
     return n
 
 
