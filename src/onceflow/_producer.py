@@ -50,9 +50,10 @@ class Producer:
     once (a retry after an unknown outcome, a restarted producer re-sending what it had
     in flight) passes `sequence=`/`sequences=`; per partition, in order:
 
-    - a sequence at or below the last stored one is a duplicate if it is one of the last
-      `SEQUENCE_WINDOW` and the record stored under it has the same key, value, id and
-      headers: nothing is written, `duplicate=True`, `offset` is the stored copy's;
+    - a sequence at or below the last stored one is a duplicate if the record stored
+      under it has the same key, value, id and headers: nothing is written,
+      `duplicate=True`, `offset` is the stored copy's (the store can check at least the
+      last `SEQUENCE_WINDOW` sequences of a producer id and partition);
     - the next sequences after the last stored one are written;
     - anything else is refused with `OutOfOrderSequenceError` and nothing of the send is
       written: a gap, sequences not increasing within the send, a sequence stored for a
