@@ -14,9 +14,6 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.kafka
 
 
-# A hang guard, not a speed check: the test's own broker takes up to a minute to start
-# on a loaded machine, and every send of the chaos producer is a Kafka transaction.
-@pytest.mark.timeout(600)
 def test_chaos_on_kafka_with_worker_and_broker_kills(
     own_broker: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

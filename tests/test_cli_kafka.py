@@ -70,11 +70,8 @@ def send_payments(store: str, ids: list[int]) -> None:
     """Payments pay-<i> of amount i to acct-<i % 6>; acct-4 and acct-5 hash to
     partition 0 of 2, the others to partition 1."""
     with Producer(store, partitions=2) as p:
-        # One transaction: each partition gets one commit marker, after its records.
-        p.send_batch(
-            "payments",
-            [(f"acct-{i % 6}", {"id": f"pay-{i}", "amount": i}, str(i)) for i in ids],
-        )
+        for i in ids:
+            p.send("payments", {"id": f"pay-{i}", "amount": i}, key=f"acct-{i % 6}", id=str(i))
 
 
 def pay_app(store: str) -> App:
@@ -120,8 +117,7 @@ def test_status_topics_and_tail_after_a_run(kstore: str) -> None:
         ("payments", 1),
     ]
     for p in pay["partitions"]:
-        # Caught up: the offset after the last record is the producer's commit marker.
-        assert p["end_offset"] - p["committed_offset"] == 1
+        assert p["committed_offset"] == p["end_offset"]
         assert p["lag"] == 0
     assert sum(p["committed_offset"] for p in pay["partitions"]) == 7
     assert {s["name"]: (s["kind"], s["changelog"]) for s in pay["steps"]} == {
@@ -151,7 +147,7 @@ def test_status_topics_and_tail_after_a_run(kstore: str) -> None:
     topics = {t["name"]: t for t in json.loads(ok("topics", "--store", kstore, "--json").stdout)}
     assert {"payments", "balances", "mirror", "pay.meta", "pay.payments.changelog"} <= set(topics)
     assert topics["payments"]["partitions"] == 2
-    assert sum(topics["payments"]["end_offsets"]) == 7 + 2  # and a commit marker each
+    assert sum(topics["payments"]["end_offsets"]) == 7
     assert "pay.payments.changelog" in ok("topics", "--store", kstore).stdout
 
     recs = jsonl(ok("tail", "balances", "--store", kstore, "--from-beginning", "--json"))
@@ -188,17 +184,17 @@ def test_status_of_a_stateless_app_before_its_first_commit(kstore: str) -> None:
     app.source("silence").map(lambda v: v).to("echo")
     app.run(until_idle=True)
     with Producer(kstore) as p:
-        p.send_batch("silence", [(None, {"n": i}, None) for i in range(3)])
+        for i in range(3):
+            p.send("silence", {"n": i})
     # No stateful step and no committed offset: the App's recorded config names its
-    # sources, and --topic names them explicitly too. The send's commit marker takes
-    # offset 3; the lag counts records.
+    # sources, and --topic names them explicitly too.
     (found,) = status_json(kstore, "--app", "quiet")["apps"]
     assert found["partitions"] == [
-        {"topic": "silence", "partition": 0, "end_offset": 4, "committed_offset": None, "lag": 3}
+        {"topic": "silence", "partition": 0, "end_offset": 3, "committed_offset": None, "lag": 3}
     ]
     (found,) = status_json(kstore, "--app", "quiet", "--topic", "silence")["apps"]
     assert found["partitions"] == [
-        {"topic": "silence", "partition": 0, "end_offset": 4, "committed_offset": None, "lag": 3}
+        {"topic": "silence", "partition": 0, "end_offset": 3, "committed_offset": None, "lag": 3}
     ]
     assert found["lag"] == 3
     fails("status", "--store", kstore, "--topic", "silence", code=2)
@@ -226,8 +222,7 @@ def test_status_shows_open_and_hanging_transactions_until_aborted(kstore: str) -
         assert sorted(open_txns) == [0, 1]
         fresh, stale = open_txns[0], open_txns[1]
         assert fresh["topic"] == "pending"
-        # After the committed send (offset 0) and its commit marker (1).
-        assert (fresh["stable_offset"], fresh["end_offset"]) == (2, 3)
+        assert (fresh["stable_offset"], fresh["end_offset"]) == (1, 2)
         assert 0 <= fresh["age_seconds"] < 60
         assert not fresh["hanging"]
         assert stale["age_seconds"] >= 110
@@ -266,9 +261,8 @@ def test_tail_follow_prints_committed_records_until_ctrl_c(kstore: str) -> None:
         assert proc.stdout is not None
         assert proc.stdout.readline().startswith("p0@0 key=k ")
         with Producer(kstore) as p:
-            second = p.send("events", {"n": 1}, key="k")
-        # Offset 2: the first send's commit marker took 1.
-        assert proc.stdout.readline().startswith(f"p0@{second.offset} key=k ")
+            p.send("events", {"n": 1}, key="k")
+        assert proc.stdout.readline().startswith("p0@1 key=k ")
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)
     finally:

@@ -46,7 +46,6 @@ from ._effects import EffectSink
 from ._errors import ConfigError
 from ._kafka_common import KafkaURL, is_kafka
 from ._loader import load_app, load_object
-from ._producer import Producer
 from ._records import Record
 from ._sinks import FileSink, Sink
 from ._supervisor import Child
@@ -334,22 +333,16 @@ def _run_chaos(
     chunk = max(1, -(-len(evs) // (len(plan) + 1)))
 
     def produce() -> None:
-        # One session per producer id for the whole run, as a long-running client keeps
-        # its Producer: on Kafka opening one is a transactional init, ~0.1 s under load.
-        sessions: dict[str, Producer] = {}
         try:
             step = max(1, chunk // 10)
             for i in range(0, len(evs), chunk):
                 go.acquire()
                 # Trickled, so that one incarnation polls several times.
                 for j in range(i, min(i + chunk, len(evs)), step):
-                    send(crashed_store, evs[j : min(j + step, i + chunk)], producers=sessions)
+                    send(crashed_store, evs[j : min(j + step, i + chunk)])
                     time.sleep(0.03)
         except BaseException as exc:
             errors.append(exc)
-        finally:
-            for p in sessions.values():
-                p.close()
 
     producer = threading.Thread(target=produce, name="chaos-producer", daemon=True)
     producer.start()

@@ -8,7 +8,7 @@ OnceflowError
 ├── SinkGuaranteeError   an exactly-once App was given a weaker sink
 ├── StoreError           the store failed or holds something unexpected
 │   └── FencedError      another process took over this app's partitions
-│       └── ProducerFencedError  a newer Producer session of this producer_id opened
+│       └── ProducerFencedError  a newer Producer of this producer_id opened (embedded)
 ├── UnavailableError     a broker, database or API is unreachable; retried by onceflow
 ├── CommitError          a checkpoint failed; the App rewinds to the last commit
 └── UserFunctionError    a user function raised while on_error="stop"
@@ -58,8 +58,9 @@ class FencedError(StoreError):
 
 
 class ProducerFencedError(FencedError):
-    """A newer `Producer` with the same `producer_id` was opened (a second replica, or a
-    restart). The fenced send was not acknowledged; this Producer sends nothing more."""
+    """A newer `Producer` with the same `producer_id` was opened on the embedded log (a
+    second replica, or a restart). The fenced send was not stored; this Producer sends
+    nothing more."""
 
     def __init__(self, producer_id: str, detail: str) -> None:
         super().__init__(

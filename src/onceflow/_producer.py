@@ -35,16 +35,16 @@ class Producer:
     """Sends records durably and idempotently, in a producer session.
 
     `send` returns only once the record is durable: committed with synchronous=FULL on
-    the embedded log, committed to every in-sync replica on Kafka. A `send_batch` is one
-    transaction on both backends: all of its records are stored, or none.
+    the embedded log, on every in-sync replica on Kafka. A `Producer` may be shared by
+    threads; every acknowledged record is stored once.
 
-    Sessions. Opening a `Producer` opens a new session of its `producer_id` and fences
-    the previous one: every later send of an older `Producer` with that id (another
-    replica, or the process a restart replaced while it still drains) raises
-    `ProducerFencedError` and stores nothing. Run one `Producer` per id at a time; a
-    `Producer` may be shared by threads (their sends take turns).
+    Embedded log: sessions. Opening a `Producer` opens a new session of its
+    `producer_id` and fences the previous one: every later send of an older `Producer`
+    with that id (another replica, or the process a restart replaced while it still
+    drains) raises `ProducerFencedError` and stores nothing. A `send_batch` is one
+    transaction: all of its records are stored, or none.
 
-    Sequences (embedded log). Each record gets the next sequence number of its producer
+    Embedded log: sequences. Each record gets the next sequence number of its producer
     id and partition, assigned in the send's own transaction (`SendResult.sequence`). A
     restarted producer continues from the stored numbers. A re-send that must be stored
     once (a retry after an unknown outcome, a restarted producer re-sending what it had
@@ -59,8 +59,12 @@ class Producer:
       written: a gap, sequences not increasing within the send, a sequence stored for a
       different record, or one too old to check.
 
-    On Kafka the broker numbers records per session and `sequences=` is refused; a
-    client re-sending from a new session is recognised by `id=` in a `dedupe` step.
+    Kafka: the broker gives each `Producer` a session (producer id and sequences) of its
+    own, so two `Producer`s with one `producer_id` both store what they send and neither
+    is fenced. A `send_batch` is acknowledged together but is not one transaction (a
+    failed one may have stored some of its records); `sequences=` is refused. A record
+    re-sent from a new session, or after a failed send, is dropped by a `dedupe` step
+    on its `id=`.
 
         >>> p = Producer("demo.db", producer_id="orders-api")
         >>> p.send("orders", {"id": "o-1", "total": 12}, key="cust-7", id="o-1")  # doctest: +SKIP
@@ -74,8 +78,8 @@ class Producer:
         partitions: int = 1,
     ) -> None:
         self.producer_id = producer_id or f"p-{uuid.uuid4().hex[:12]}"
-        # One send at a time per Producer: a send's sequence numbers, its retries and
-        # (on Kafka) its transaction must not interleave with another thread's.
+        # One embedded send at a time per Producer: a send's retries reuse the sequence
+        # numbers its failed attempt took, which another thread's send must not take.
         self._lock = threading.Lock()
         self._closed = False
         self._fenced: str | None = None
@@ -169,13 +173,13 @@ class Producer:
         items = list(items)
         if sequences is not None and len(sequences) != len(items):
             raise ConfigError("sequences= must give one sequence per item")
+        if self._closed:
+            raise ConfigError(f"producer '{self.producer_id}' is closed; open a new one")
+        if self._kafka is not None:
+            return self._kafka.send_batch(topic, items, headers, partition, sequences, timestamp)
         with self._lock:
             if self._closed:
                 raise ConfigError(f"producer '{self.producer_id}' is closed; open a new one")
-            if self._kafka is not None:
-                return self._kafka.send_batch(
-                    topic, items, headers, partition, sequences, timestamp
-                )
             if self._fenced is not None:
                 raise ProducerFencedError(self.producer_id, f"{self._fenced}; not stored")
             return self._send_embedded(topic, items, headers, partition, sequences, timestamp)

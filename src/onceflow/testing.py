@@ -108,24 +108,13 @@ class Report:
     snapshot: Snapshot
 
 
-def send(
-    store: str,
-    events: Iterable[Event],
-    *,
-    batch: int = 1000,
-    producers: dict[str, Producer] | None = None,
-) -> int:
+def send(store: str, events: Iterable[Event], *, batch: int = 1000) -> int:
     """Send events in order, each producer id keeping its sequences. Returns how many.
 
     Consecutive events of one producer and topic go in one durable batch; order within
-    every partition is the order of `events` either way. Each producer id gets a new
-    session (a `Producer`) for the call, closed at its end; a caller that sends many
-    times, as a long-running client would, passes `producers` (producer id -> Producer)
-    to keep its sessions open across calls and closes them itself.
+    every partition is the order of `events` either way.
     """
-    own = producers is None
-    if producers is None:
-        producers = {}
+    producers: dict[str, Producer] = {}
     n = 0
     run: list[Event] = []
 
@@ -157,9 +146,8 @@ def send(
             n += 1
         flush()
     finally:
-        if own:
-            for p in producers.values():
-                p.close()
+        for p in producers.values():
+            p.close()
     return n
 
 
