@@ -52,7 +52,7 @@ def test_restarted_producer_resumes_its_sequences(store: str) -> None:
     # The process restarts: same producer id, sequences continue from the store.
     with Producer(store, producer_id="orders") as p:
         assert p.last_sequence("t", 0) == 1
-        dup = p.send("t", b"b", key="k", sequence=1)  # the retry of an unacknowledged send
+        dup = p.send("t", b"b", key="k", id="id-b", sequence=1)  # a retry: the same record
         new = p.send("t", b"c", key="k")
     assert dup.duplicate and not new.duplicate
     assert [r.value for r in read_all(store, "t")] == [b"a", b"b", b"c"]

@@ -2,11 +2,13 @@
 
 OnceflowError
 ├── ConfigError          invalid settings or arguments; fix them and start again
-│   └── MissingExtraError  an optional dependency is not installed
+│   ├── MissingExtraError  an optional dependency is not installed
+│   └── OutOfOrderSequenceError  an explicit sequence= does not follow the stored ones
 ├── TopologyError        the pipeline is malformed or changed over existing state
 ├── SinkGuaranteeError   an exactly-once App was given a weaker sink
 ├── StoreError           the store failed or holds something unexpected
 │   └── FencedError      another process took over this app's partitions
+│       └── ProducerFencedError  a newer Producer of this producer_id opened (embedded)
 ├── UnavailableError     a broker, database or API is unreachable; retried by onceflow
 ├── CommitError          a checkpoint failed; the App rewinds to the last commit
 └── UserFunctionError    a user function raised while on_error="stop"
@@ -34,6 +36,11 @@ class MissingExtraError(ConfigError):
         self.extra = extra
 
 
+class OutOfOrderSequenceError(ConfigError):
+    """An explicit `sequence=` is neither the next one for its producer id and partition
+    nor a re-send of the very record stored under it. Nothing of the send was written."""
+
+
 class TopologyError(OnceflowError):
     """The dataflow is malformed, or differs from the one that wrote the existing state."""
 
@@ -48,6 +55,21 @@ class StoreError(OnceflowError):
 
 class FencedError(StoreError):
     """A newer process owns the partitions; this one must stop without committing."""
+
+
+class ProducerFencedError(FencedError):
+    """A newer `Producer` with the same `producer_id` was opened on the embedded log (a
+    second replica, or a restart). The fenced send was not stored; this Producer sends
+    nothing more."""
+
+    def __init__(self, producer_id: str, detail: str) -> None:
+        super().__init__(
+            f"producer '{producer_id}' was fenced: {detail}. Operator action: give each "
+            "concurrently running sender its own producer_id; a process that should go on "
+            "sending opens a new Producer, and re-sends what was not acknowledged (with its "
+            "id=, so that a dedupe step drops any copy)"
+        )
+        self.producer_id = producer_id
 
 
 class UnavailableError(OnceflowError):

@@ -29,7 +29,15 @@ class KafkaProducerImpl:
     """An idempotent producer (acks=all): a send returns once every replica has it.
 
     Kafka's idempotence covers retries within one producer session; re-sends from a new
-    session are recognised by their business id in a `dedupe` step.
+    session are recognised by their business id in a `dedupe` step. The broker gives
+    each session its own producer id and sequences, so two sessions of one onceflow
+    `producer_id` cannot take each other's records for duplicates: both are stored, and
+    neither is fenced. Not transactional on purpose: a transaction per send costs about
+    3 ms instead of 0.3 ms on a local broker, gives the input topics commit markers and
+    aborted records (offsets no longer follow the records, which offset-keyed row ids
+    compared across runs rely on), and a producer killed mid-send would hold back every
+    read_committed reader of its partitions until its transaction timed out. Safe to
+    share between threads: librdkafka is, and each call waits for its own records.
     """
 
     def __init__(self, store: str, producer_id: str, partitions: int) -> None:

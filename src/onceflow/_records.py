@@ -19,12 +19,15 @@ class Record(NamedTuple):
 
 
 class SendResult(NamedTuple):
-    """Where a sent record landed. `duplicate` is True when the store had it already."""
+    """Where a sent record landed. `duplicate` is True when the store had it already
+    (then `offset` is where the earlier copy is). `sequence` is the record's sequence
+    number under its producer id and partition on the embedded log (None on Kafka)."""
 
     topic: str
     partition: int
     offset: int | None
     duplicate: bool
+    sequence: int | None = None
 
 
 class TopicPartition(NamedTuple):

@@ -67,6 +67,20 @@ CREATE TABLE IF NOT EXISTS sink_progress(
     PRIMARY KEY(app, sink)) WITHOUT ROWID;
 """
 
+# Producer sessions (one epoch per producer id; opening a Producer raises it, and every
+# send checks it in its own transaction) and where each producer's recent sequence
+# numbers landed, so that a re-sent sequence is checked against the record stored under
+# it. Kept apart from _SCHEMA because a store made before they existed gets them when a
+# Producer first opens it (see ensure_producer_tables).
+PRODUCER_TABLES = """
+CREATE TABLE IF NOT EXISTS producer_sessions(
+    producer_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL, opened REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS producer_batches(
+    producer_id TEXT NOT NULL, topic_id INTEGER NOT NULL, part INTEGER NOT NULL,
+    last_seq INTEGER NOT NULL, first_seq INTEGER NOT NULL, first_off INTEGER NOT NULL,
+    PRIMARY KEY(producer_id, topic_id, part, last_seq)) WITHOUT ROWID;
+"""
+
 _batch_enc = msgspec.msgpack.Encoder()
 _batch_dec = msgspec.msgpack.Decoder(
     tuple[
@@ -138,7 +152,7 @@ def connect(path: str) -> sqlite3.Connection:
     ).fetchone()
     if not has_meta:
         with _txn(conn):
-            for stmt in _SCHEMA.split(";"):
+            for stmt in (_SCHEMA + PRODUCER_TABLES).split(";"):
                 if stmt.strip():
                     conn.execute(stmt)
             conn.execute(
@@ -152,6 +166,22 @@ def connect(path: str) -> sqlite3.Connection:
             "operator action: use the onceflow version that created it"
         )
     return conn
+
+
+def ensure_producer_tables(conn: sqlite3.Connection) -> None:
+    """Inside a write transaction: add the producer session tables to a store created
+    by an onceflow that did not have them (its data and schema version stay valid)."""
+    have = {
+        r[0]
+        for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type='table' "
+            "AND name IN ('producer_sessions', 'producer_batches')"
+        )
+    }
+    if len(have) < 2:
+        for stmt in PRODUCER_TABLES.split(";"):
+            if stmt.strip():
+                conn.execute(stmt)
 
 
 def _retry_locked(fn: Callable[[], T]) -> T:
