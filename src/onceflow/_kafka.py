@@ -292,7 +292,7 @@ class LocalStore:
         if cut is None:
             return []
         return [
-            bid
+            decode_key(bid) or ""
             for (bid,) in self.conn.execute(
                 "SELECT id FROM dedup WHERE step=? AND seen<? LIMIT ?", (step, cut, limit)
             )
