@@ -1,0 +1,177 @@
+"""Kafka workers ride out broker outages by themselves: an outage longer than the group
+session timeout, twice, with input flowing; every worker is alive at the end, said so
+once per outage, and the committed effects equal the reference fold."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from onceflow._kafka import SESSION_TIMEOUT_S
+from onceflow._kafka_status import app_lag
+from onceflow._supervisor import Child
+from onceflow.testing import Event, Snapshot, diff, reference, send, snapshot
+
+from . import pipelines
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.kafka
+
+TARGET = "tests.pipelines:payments3_app"
+# Long enough that every group member's session expires and every open transaction
+# times out on the broker (transaction_timeout_ms: 10 s for this pipeline).
+OUTAGE_S = SESSION_TIMEOUT_S + 5.0
+# A failure bound, not a speed figure: a run that did not drain by then is stuck.
+DRAIN_S = 300.0
+
+
+def payment_events(n: int, seed: int) -> list[Event]:
+    rng = random.Random(seed)
+    out: list[Event] = []
+    for i in range(n):
+        v = {"id": f"p{i}", "n": rng.randint(1, 40), "to": f"acct{rng.randrange(6)}"}
+        payer = f"acct{rng.randrange(6)}"
+        out.append(Event("payments", v, key=payer, id=v["id"]))
+        if rng.random() < 0.1:  # retried from a new session: same business id
+            out.append(Event("payments", v, key=payer, id=v["id"], producer="retry"))
+    return out
+
+
+def by_id(snap: Snapshot, topic: str) -> Snapshot:
+    """`topic`'s outputs by id only. The second stage's running totals interleave its
+    input partitions in an order that differs from run to run (the totals on the way do;
+    each payment's one credit and the final state do not)."""
+    outputs = {
+        tk: sorted(((b"", i, h) for _, i, h in rows), key=repr) if tk[0] == topic else rows
+        for tk, rows in snap.outputs.items()
+    }
+    return Snapshot(outputs, snap.state, snap.dedup_ids)
+
+
+class Workers:
+    """Worker slots as child processes, each with its own state directory."""
+
+    def __init__(self, store: str, count: int, state_dir: Path) -> None:
+        self.children = [
+            Child(
+                TARGET,
+                store=store,
+                env={"ONCEFLOW_WORKER": str(slot), "ONCEFLOW_STATE_DIR": str(state_dir)},
+                cwd=str(ROOT),
+            )
+            for slot in range(count)
+        ]
+
+    def dead(self) -> list[str]:
+        return [
+            f"worker {slot} exited {c.proc.returncode}:\n{c.stderr()[-3000:]}"
+            for slot, c in enumerate(self.children)
+            if not c.alive()
+        ]
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- worker {slot}:\n{c.stderr()[-3000:]}" for slot, c in enumerate(self.children)
+        )
+
+    def kill(self) -> None:
+        for c in self.children:
+            c.kill()
+
+
+@pytest.fixture
+def workers_of(tmp_path: Path) -> Iterator[Any]:
+    made: list[Workers] = []
+
+    def make(store: str, count: int) -> Workers:
+        w = Workers(store, count, tmp_path / f"state-{len(made)}")
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.kill()
+
+
+def create_topics(store: str) -> None:
+    app = pipelines.payments(3)
+    app.store = store
+    session = app._open_session()
+    try:
+        session.ensure_topics(app._topics())
+    finally:
+        session.close()
+
+
+def committed_total(store: str) -> int:
+    lags = app_lag(store, "payments", ["payments"])
+    return sum(p.committed_offset or 0 for p in lags)
+
+
+def drained(store: str) -> bool:
+    lags = app_lag(store, "payments", ["payments", "credits"])
+    return bool(lags) and all(p.lag == 0 for p in lags)
+
+
+def wait_for(pred: Any, timeout: float, workers: Workers, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert not workers.dead(), "\n".join(workers.dead())
+        assert time.monotonic() < deadline, f"{what} within {timeout:.0f}s\n{workers.logs()}"
+        time.sleep(0.2)
+
+
+def test_workers_ride_out_two_outages_longer_than_the_session_timeout(
+    own_broker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers_of: Any
+) -> None:
+    ns = uuid.uuid4().hex[:8]
+    store = f"kafka://{own_broker.bootstrap}/outage-{ns}"
+    ref_store = f"kafka://{own_broker.bootstrap}/reference-{ns}"
+    # The topics first, with three partitions each, before a producer could create one.
+    for s in (store, ref_store):
+        create_topics(s)
+    events = payment_events(1500, seed=8)
+    monkeypatch.setenv("ONCEFLOW_STATE_DIR", str(tmp_path / "reference-state"))
+    expected = reference(pipelines.payments(3), events, store=ref_store)
+
+    workers = workers_of(store, 3)
+    chunks = [events[:300], events[300:900], events[900:]]
+    send(store, chunks[0])
+    wait_for(lambda: committed_total(store) > 0, 120, workers, "no commit")
+
+    for outage, chunk in enumerate(chunks[1:]):
+        # Input keeps coming while the broker goes down: transactions are open then.
+        before = committed_total(store)
+        sender = threading.Thread(target=send, args=(store, chunk), kwargs={"batch": 10})
+        sender.start()
+        wait_for(lambda b=before: committed_total(store) > b, 120, workers, "no progress")
+        own_broker.kill()
+        down = time.monotonic()
+        while time.monotonic() - down < OUTAGE_S:
+            assert not workers.dead(), f"outage {outage + 1}: " + "\n".join(workers.dead())
+            time.sleep(0.2)
+        own_broker.restart()
+        sender.join(180)
+        assert not sender.is_alive()
+
+    wait_for(lambda: drained(store), DRAIN_S, workers, "the workers did not drain")
+    assert not workers.dead(), "\n".join(workers.dead())
+    for slot, child in enumerate(workers.children):
+        log = child.stderr()
+        # Said once per outage (a worker may sleep through an outage it never noticed),
+        # not a flood of client errors.
+        assert log.count("unreachable") <= 2, f"worker {slot}:\n{log[-3000:]}"
+        assert log.count("reachable again") <= 2, f"worker {slot}:\n{log[-3000:]}"
+        assert child.stop() == 0, f"worker {slot}:\n{child.stderr()[-3000:]}"
+
+    got = by_id(snapshot(pipelines.payments(3), store), "credit-totals")
+    problems = diff(got, by_id(expected, "credit-totals"), ordered=False)
+    assert problems == [], "\n".join(problems) + "\n" + workers.logs()
