@@ -4,7 +4,10 @@ once per outage, and the committed effects equal the reference fold."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import random
+import signal
 import threading
 import time
 import uuid
@@ -14,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from onceflow._crash import CrashInjector
 from onceflow._kafka import SESSION_TIMEOUT_S
 from onceflow._kafka_status import app_lag
 from onceflow._supervisor import Child
@@ -175,3 +179,96 @@ def test_workers_ride_out_two_outages_longer_than_the_session_timeout(
     got = by_id(snapshot(pipelines.payments(3), store), "credit-totals")
     problems = diff(got, by_id(expected, "credit-totals"), ordered=False)
     assert problems == [], "\n".join(problems) + "\n" + workers.logs()
+
+
+def commits(producer: Any, topic: str) -> bool:
+    """Whether a transactional producer can still commit a record to `topic`.
+
+    Never through abort_transaction: an abort that needs an epoch bump asks for one with
+    the producer's own id and epoch (KIP-360), which the coordinator grants to the epoch
+    just before the current one; the worker never calls a replaced producer again."""
+    import confluent_kafka
+
+    # A commit that timed out goes on in the background; this waits for its end.
+    with contextlib.suppress(confluent_kafka.KafkaException):
+        producer.commit_transaction(10)
+    try:
+        producer.begin_transaction()
+        producer.produce(topic, b"9999", key=b"zombie")
+        producer.commit_transaction(10)
+    except confluent_kafka.KafkaException:
+        return False
+    return True
+
+
+def test_a_broker_paused_in_a_commit_past_the_client_timeout_fences_the_old_producer(
+    own_broker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """librdkafka has no KIP-890 client (librdkafka#5423): a commit that timed out may
+    still land, on this transaction or on a later one of the same producer. The worker
+    must make a new producer (which fences the old one and settles its transaction)
+    before it sends anything else, find out whether the epoch committed, and go on."""
+    from onceflow import _kafka
+
+    ns = uuid.uuid4().hex[:8]
+    store = f"kafka://{own_broker.bootstrap}/paused-{ns}"
+    rng = random.Random(3)
+    events = [
+        Event("amounts", {"n": rng.randint(1, 9)}, key=f"k{rng.randrange(6)}", id=f"e{i}")
+        for i in range(200)
+    ]
+    monkeypatch.setenv("ONCEFLOW_STATE_DIR", str(tmp_path / "state"))
+    expected = reference(
+        pipelines.running_sum(), events, store=f"kafka://{own_broker.bootstrap}/ref-{ns}"
+    )
+    # Short client timeouts, so that the pause outlasts a commit and then the first
+    # attempt to replace the producer, in seconds.
+    monkeypatch.setattr(_kafka, "TXN_TIMEOUT_S", 4.0)
+    pause_s = 2 * _kafka.TXN_TIMEOUT_S + 2.0
+    send(store, events)
+
+    app = pipelines.running_sum()
+    app.store = store
+    sessions: list[Any] = []
+    open_session = app._open_session
+
+    def capture() -> Any:
+        sessions.append(open_session())
+        return sessions[-1]
+
+    app._open_session = capture  # type: ignore[method-assign]
+    paused: list[Any] = []
+
+    def stop_broker(point: str) -> None:
+        # Everything of the epoch is in the open transaction; the commit comes next.
+        paused.append(sessions[-1].producer)
+        os.kill(own_broker.pid, signal.SIGSTOP)
+
+    app._crash = CrashInjector(None, "raise", pause="in_transaction:3", on_pause=stop_broker)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            app.run(until_idle=True)
+        except BaseException as exc:
+            errors.append(exc)
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    try:
+        while not paused and runner.is_alive():
+            time.sleep(0.05)
+        assert paused, errors
+        stopped = time.monotonic()
+        while runner.is_alive() and time.monotonic() - stopped < pause_s:
+            time.sleep(0.05)
+    finally:
+        os.kill(own_broker.pid, signal.SIGCONT)
+    runner.join(300)
+    assert not runner.is_alive()
+    assert errors == []
+    # The paused commit's producer was replaced, and cannot commit any more: its late
+    # requests land on nothing (the zombie record is not in the outputs either).
+    assert sessions[-1].producer is not paused[0]
+    assert not commits(paused[0], sessions[-1].url.topic("totals"))
+    assert diff(snapshot(pipelines.running_sum(), store), expected) == []

@@ -343,6 +343,10 @@ class KafkaSession:
         # that could land on a later transaction (librdkafka has no KIP-890 client,
         # librdkafka#5423): it is replaced, which fences it, before anything else is sent.
         self._producer_ok = False
+        # The producer has a transaction open (rollback aborts only that).
+        self._in_txn = False
+        # Its init_transactions has not finished: the next attempt resumes it.
+        self._init_pending = False
         # The producer was fenced while it was not known whether another process took
         # the slot (the broker was unreachable): found out before a new one is made.
         self._fence_unresolved = False
@@ -554,12 +558,46 @@ class KafkaSession:
         commit the coordinator already has, aborts any other).
 
         The first one refuses a broker that answers but cannot run transactions; later,
-        a producer that cannot be made means Kafka is unreachable, and the App waits."""
-        if self.producer is not None:
-            with contextlib.suppress(Exception):
-                self.producer.flush(0)
-        self._producer_ok = False
-        producer = self.producer = self.ck.Producer(
+        a producer that cannot be made means Kafka is unreachable, and the App waits.
+
+        A producer whose init_transactions timed out is resumed, never replaced: its
+        InitProducerId may still reach the coordinator after a newer producer's, and would
+        fence that one. Nor is a replaced producer called again: an abort from it would
+        ask for an epoch bump with its own id and epoch (KIP-360), which the coordinator
+        grants to the epoch just before the current one, fencing the new producer."""
+        self._producer_ok = self._in_txn = False
+        if self._init_pending and self.producer is not None:
+            producer = self.producer
+        else:
+            if self.producer is not None:
+                with contextlib.suppress(Exception):
+                    self.producer.flush(0)
+            producer = self.producer = self._make_producer()
+        self._init_pending = True
+        try:
+            _bounded(lambda: producer.init_transactions(TXN_TIMEOUT_S), "init_transactions")
+        except Exception as exc:
+            reason = exc.args[0] if isinstance(exc, self.ck.KafkaException) else exc
+            if isinstance(exc, self.ck.KafkaException) and exc.args[0].fatal():
+                self._init_pending = False  # dead: the next attempt makes a new one
+            if first and self._reachable(5.0):
+                raise ConfigError(
+                    f"Kafka at {self.url.bootstrap} cannot run transactions ({reason}). "
+                    "Operator action: the broker needs transaction.state.log.replication."
+                    "factor and transaction.state.log.min.isr no larger than the number of "
+                    "brokers"
+                ) from exc
+            self._outage.down(f"init_transactions: {reason}")
+            raise UnavailableError(
+                f"worker {self.worker} cannot make a transactional producer on Kafka at "
+                f"{self.url.bootstrap} ({reason}); it retries once the broker answers"
+            ) from exc
+        self._init_pending = False
+        self._producer_ok = True
+        self._outage.up()
+
+    def _make_producer(self) -> Any:
+        return self.ck.Producer(
             self._conf(
                 **{
                     "transactional.id": self._slot_id,
@@ -576,24 +614,6 @@ class KafkaSession:
                 }
             )
         )
-        try:
-            _bounded(lambda: producer.init_transactions(TXN_TIMEOUT_S), "init_transactions")
-        except Exception as exc:
-            reason = exc.args[0] if isinstance(exc, self.ck.KafkaException) else exc
-            if first and self._reachable(5.0):
-                raise ConfigError(
-                    f"Kafka at {self.url.bootstrap} cannot run transactions ({reason}). "
-                    "Operator action: the broker needs transaction.state.log.replication."
-                    "factor and transaction.state.log.min.isr no larger than the number of "
-                    "brokers"
-                ) from exc
-            self._outage.down(f"init_transactions: {reason}")
-            raise UnavailableError(
-                f"worker {self.worker} cannot make a transactional producer on Kafka at "
-                f"{self.url.bootstrap} ({reason}); it retries once the broker answers"
-            ) from exc
-        self._producer_ok = True
-        self._outage.up()
 
     # -- outages and fencing ----------------------------------------------------------
 
@@ -701,9 +721,23 @@ class KafkaSession:
                 raise
             raise failed from exc
 
-    def _ensure_producer(self) -> None:
+    def _ensure_producer(self, wait: float = 0.0) -> None:
         """Before a transaction: a producer that no late request of a failed one can
-        reach. Raises UnavailableError while Kafka cannot make one."""
+        reach. Tries for `wait` seconds (a coordinator still loading after a restart or
+        a pause), then raises UnavailableError while Kafka cannot make one."""
+        deadline = time.monotonic() + wait
+        backoff = _BACKOFF_S[0]
+        while True:
+            try:
+                self._ensure_producer_once()
+                return
+            except UnavailableError:
+                if time.monotonic() + backoff > deadline:
+                    raise
+                time.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_S[1])
+
+    def _ensure_producer_once(self) -> None:
         if self.fenced:
             raise self._fenced_error("found before")
         if self._producer_ok:
@@ -1002,8 +1036,9 @@ class KafkaSession:
     def begin(self) -> Any:
         self._pending = {}
         self._produced = {}
-        self._ensure_producer()
+        self._ensure_producer(wait=TXN_TIMEOUT_S)
         self._txn_call(lambda p: p.begin_transaction(), "begin_transaction")
+        self._in_txn = True
         return self
 
     def check_fence(self, txn: Any) -> None:
@@ -1177,6 +1212,7 @@ class KafkaSession:
 
     def commit(self, txn: Any) -> None:
         self._txn_call(lambda p: p.commit_transaction(TXN_TIMEOUT_S), "commit_transaction")
+        self._in_txn = False
 
     def rollback(self, txn: Any) -> None:
         """Abort the open transaction. After a failed transactional call the producer is
@@ -1185,9 +1221,12 @@ class KafkaSession:
         self._pending = {}
         if self.fenced:
             return
+        if self._producer_ok and not self._in_txn:
+            return  # nothing open (a new producer settled the failed one's transaction)
         if self._producer_ok:
             try:
                 self._txn_call(lambda p: p.abort_transaction(TXN_TIMEOUT_S), "abort_transaction")
+                self._in_txn = False
                 return
             except FencedError:
                 return
