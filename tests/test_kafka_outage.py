@@ -1,6 +1,7 @@
-"""Kafka workers ride out broker outages by themselves: an outage longer than the group
-session timeout, twice, with input flowing; every worker is alive at the end, said so
-once per outage, and the committed effects equal the reference fold."""
+"""Kafka workers keep the guarantee and keep running by themselves: through broker
+outages longer than the group session, a broker paused in the middle of a commit, and a
+starved CPU. Every worker is alive at the end and the committed effects equal the
+reference fold."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import contextlib
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -63,11 +66,14 @@ def by_id(snap: Snapshot, topic: str) -> Snapshot:
 class Workers:
     """Worker slots as child processes, each with its own state directory."""
 
-    def __init__(self, store: str, count: int, state_dir: Path) -> None:
+    def __init__(
+        self, store: str, count: int, state_dir: Path, pause_at: dict[int, str] | None = None
+    ) -> None:
         self.children = [
             Child(
                 TARGET,
                 store=store,
+                pause_at=(pause_at or {}).get(slot),
                 env={"ONCEFLOW_WORKER": str(slot), "ONCEFLOW_STATE_DIR": str(state_dir)},
                 cwd=str(ROOT),
             )
@@ -95,8 +101,8 @@ class Workers:
 def workers_of(tmp_path: Path) -> Iterator[Any]:
     made: list[Workers] = []
 
-    def make(store: str, count: int) -> Workers:
-        w = Workers(store, count, tmp_path / f"state-{len(made)}")
+    def make(store: str, count: int, pause_at: dict[int, str] | None = None) -> Workers:
+        w = Workers(store, count, tmp_path / f"state-{len(made)}", pause_at)
         made.append(w)
         return w
 
@@ -133,6 +139,7 @@ def wait_for(pred: Any, timeout: float, workers: Workers, what: str) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.timeout(600)
 def test_workers_ride_out_two_outages_longer_than_the_session_timeout(
     own_broker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers_of: Any
 ) -> None:
@@ -272,3 +279,48 @@ def test_a_broker_paused_in_a_commit_past_the_client_timeout_fences_the_old_prod
     assert sessions[-1].producer is not paused[0]
     assert not commits(paused[0], sessions[-1].url.topic("totals"))
     assert diff(snapshot(pipelines.running_sum(), store), expected) == []
+
+
+def test_workers_starved_of_cpu_keep_the_guarantee(
+    kafka_broker: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, workers_of: Any
+) -> None:
+    """Two workers pinned to one core beside a CPU-bound competitor pinned there too,
+    one of them starved inside a commit (its thread stalls at in_transaction) until the
+    broker aborted the open transaction as timed out, which fences its producer epoch.
+    The stalled worker drops the epoch, makes a new producer and goes on: only another
+    process on its slot may stop it."""
+    from onceflow._kafka import transaction_timeout_ms
+
+    ns = uuid.uuid4().hex[:8]
+    store = f"kafka://{kafka_broker.bootstrap}/starved-{ns}"
+    ref_store = f"kafka://{kafka_broker.bootstrap}/reference-{ns}"
+    for s in (store, ref_store):
+        create_topics(s)
+    events = payment_events(600, seed=5)
+    monkeypatch.setenv("ONCEFLOW_STATE_DIR", str(tmp_path / "reference-state"))
+    expected = reference(pipelines.payments(3), events, store=ref_store)
+
+    # The broker aborts a transaction open longer than its timeout at its next check of
+    # timed-out transactions (every 10 s by default): the stall outlasts both.
+    timeout_s = transaction_timeout_ms(pipelines.SMALL["commit_interval"]) / 1000
+    stall = f"in_transaction:3@{timeout_s + 10 + 10:.0f}"
+    core = {min(os.sched_getaffinity(0))}
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(hog.pid, core)
+        workers = workers_of(store, 2, pause_at={0: stall})
+        for child in workers.children:
+            # Before the child starts any thread: librdkafka's inherit it.
+            os.sched_setaffinity(child.proc.pid, core)
+        send(store, events)
+        wait_for(lambda: drained(store), DRAIN_S, workers, "the starved workers did not drain")
+    finally:
+        hog.kill()
+        hog.wait()
+    assert not workers.dead(), "\n".join(workers.dead())
+    assert "fenced" in workers.children[0].stderr(), workers.logs()
+    for slot, child in enumerate(workers.children):
+        assert child.stop() == 0, f"worker {slot}:\n{child.stderr()[-3000:]}"
+    got = by_id(snapshot(pipelines.payments(3), store), "credit-totals")
+    problems = diff(got, by_id(expected, "credit-totals"), ordered=False)
+    assert problems == [], "\n".join(problems) + "\n" + workers.logs()
