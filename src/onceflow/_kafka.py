@@ -10,6 +10,12 @@ file records the changelog offset it holds, so after a crash only the tail is re
 and a partition that moves to another worker is rebuilt from the changelog. The effect
 journal of an `EffectSink` lives there too, beside the state of the partition whose
 inputs produced the effects.
+
+A worker stops (`FencedError`) only when another live process runs its slot. Outages,
+pauses and starved CPUs produce the same client errors (a fenced static member, a
+refused generation, a producer epoch bumped by the broker's timeout abort): then the
+epoch is dropped, the dead client replaced, and the worker goes on by itself, saying
+once that Kafka is unreachable and once that it is back.
 """
 
 from __future__ import annotations
@@ -710,11 +716,12 @@ class KafkaSession:
         e = self.ck.KafkaError
         return (e._FENCED, e._FATAL, e.PRODUCER_FENCED, e.INVALID_PRODUCER_EPOCH)
 
-    def _txn_call(self, fn: Callable[[Any], Any], what: str) -> Any:
-        """A call of the transactional producer, bounded (`_bounded`)."""
+    def _txn_call(self, fn: Callable[[Any], Any], what: str, *, local: bool = False) -> Any:
+        """A call of the transactional producer, bounded (`_bounded`) unless it is
+        `local` (it sends nothing, and a thread per epoch is not free)."""
         producer = self.producer
         try:
-            return _bounded(lambda: fn(producer), what)
+            return fn(producer) if local else _bounded(lambda: fn(producer), what)
         except Exception as exc:
             failed = self._producer_failed(exc)
             if failed is exc:
@@ -1037,7 +1044,7 @@ class KafkaSession:
         self._pending = {}
         self._produced = {}
         self._ensure_producer(wait=TXN_TIMEOUT_S)
-        self._txn_call(lambda p: p.begin_transaction(), "begin_transaction")
+        self._txn_call(lambda p: p.begin_transaction(), "begin_transaction", local=True)
         self._in_txn = True
         return self
 
