@@ -342,7 +342,9 @@ class KafkaSession:
         # This process's consumers, told apart from another process on the same slot:
         # only such a process may make this one stop (see `_replaced`).
         self._client_id = f"{self._slot_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        self.admin = self.ck.admin.AdminClient(self._conf(error_cb=self._client_error))
+        # No error_cb here: an admin client serves it on a thread of its own, which the
+        # outage's probe (a call of this same client) must not run on.
+        self.admin = self.ck.admin.AdminClient(self._conf())
         self.producer: Any = None
         self.consumer: Any = None
         # A transactional call failed, so the producer may still have a request in flight
