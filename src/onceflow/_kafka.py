@@ -1264,7 +1264,13 @@ class KafkaSession:
             except (UnavailableError, StoreError) as exc:
                 if isinstance(exc, FencedError):
                     raise
-                log.debug("the outcome of the last commit is not known yet: %s", exc)
+                if backoff == _BACKOFF_S[0]:
+                    log.warning(
+                        "worker %d waits for Kafka to say whether its last commit landed "
+                        "(%s); nothing else is sent meanwhile",
+                        self.worker,
+                        exc,
+                    )
                 time.sleep(backoff)
                 backoff = min(backoff * 2, _BACKOFF_S[1])
                 continue
