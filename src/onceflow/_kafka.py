@@ -339,9 +339,12 @@ class KafkaSession:
         self._outage = _Outage(url.bootstrap, worker, self._reachable)
         # The worker slot: the transactional id and the static group member id.
         self._slot_id = url.topic(f"onceflow-{app}-{worker}")
-        # This process's consumers, told apart from another process on the same slot:
-        # only such a process may make this one stop (see `_replaced`).
+        # Named per process in the broker's logs and in `kafka-consumer-groups`.
         self._client_id = f"{self._slot_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        # Every group member id this process's consumers had: the group holding the
+        # slot's static member under any other id means another process took the slot
+        # (see `_replaced`).
+        self._member_ids: set[str] = set()
         # No error_cb here: an admin client serves it on a thread of its own, which the
         # outage's probe (a call of this same client) must not run on.
         self.admin = self.ck.admin.AdminClient(self._conf())
@@ -670,7 +673,10 @@ class KafkaSession:
         transaction that outlived transaction.timeout.ms (an outage, a paused or starved
         worker). And the group fences a static member that rejoined under a new member id
         after its session ran out. Only the first is a reason to stop; it is the one where
-        the group holds the slot's member id for a consumer of another process."""
+        the group holds the slot's static member under a member id that none of this
+        process's consumers ever had. (Not told by client id: a static member that
+        replaces another keeps the replaced one's client id in the group.)"""
+        self._note_member_id()
         group = self.url.topic(self.app)
         try:
             futures = self.admin.describe_consumer_groups([group], request_timeout=10.0)
@@ -679,16 +685,27 @@ class KafkaSession:
             self._outage.down(f"describing group {group}: {exc.args[0]}")
             return None
         return any(
-            m.group_instance_id == self._slot_id and m.client_id != self._client_id
+            m.group_instance_id == self._slot_id and m.member_id not in self._member_ids
             for m in desc.members
         )
+
+    def _note_member_id(self) -> None:
+        """Remember the consumer's group member id (it changes when it rejoins)."""
+        if self.consumer is None:
+            return
+        try:
+            member = self.consumer.memberid()
+        except (RuntimeError, self.ck.KafkaException):
+            return
+        if member:
+            self._member_ids.add(member)
 
     def _fenced_error(self, why: str) -> FencedError:
         self.fenced = True
         return FencedError(
             f"app '{self.app}' worker {self.worker} was fenced ({why}): another process "
-            "runs this worker slot; this one stops without committing. Operator action: "
-            "run each worker slot (ONCEFLOW_WORKER) in one process only"
+            "took over this worker slot and runs it; this one stops without committing. "
+            "Operator action: run each worker slot (ONCEFLOW_WORKER) in one process only"
         )
 
     def _producer_failed(self, exc: BaseException) -> BaseException:
@@ -947,6 +964,8 @@ class KafkaSession:
         except self.ck.KafkaException as exc:
             self._consumer_error(exc.args[0])
             return []
+        # Each poll: a rejoin hands the consumer a new member id at any time.
+        self._note_member_id()
         by_topic: dict[str, Batch] = {}
         for m in msgs:
             if m.error():
