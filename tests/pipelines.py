@@ -30,9 +30,9 @@ def _apply(v: dict[str, Any], st: State) -> list[dict[str, Any]]:
     return [{"id": v["id"], "ok": ok, "bal": st.get(100)}]
 
 
-def payments() -> App:
+def payments(partitions: int = 2) -> App:
     """Dedupe with replayed answers, a keyed process, and a second stage via a topic."""
-    app = App("payments", partitions=2, **SMALL)  # type: ignore[arg-type]
+    app = App("payments", partitions=partitions, **SMALL)  # type: ignore[arg-type]
     once = app.source("payments").dedupe(name="ids", ttl=3600, replay_to="answers")
     once.process(name="debits", fn=_apply).to("answers")
     (
@@ -59,6 +59,8 @@ def with_sinks() -> App:
 
 running_sum_app = running_sum()
 payments_app = payments()
+# One partition of each topic per worker, for the Kafka tests that run three workers.
+payments3_app = payments(3)
 with_sinks_app = with_sinks()
 
 

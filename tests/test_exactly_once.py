@@ -7,6 +7,7 @@ import json
 import random
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -236,14 +237,34 @@ def test_zombie_cannot_commit_after_takeover(store: str) -> None:
     t = threading.Thread(target=run_zombie)
     t.start()
     assert pause.reached.wait(10)
-    # A new incarnation takes over and commits everything while the old one is paused.
+    # A new incarnation takes over and commits everything while the old one is paused,
+    # and still runs when the old one resumes: the old one must stop.
     fresh = App("sums", store=store)
     fresh.source("amounts").reduce(name="total", fn=lambda a, v: a + v["n"], initial=0).to("totals")
-    fresh.run(until_idle=True)
-    pause.release.set()
-    t.join(30)
+    fresh_errors: list[BaseException] = []
+
+    def run_fresh() -> None:
+        try:
+            fresh.run()
+        except BaseException as exc:
+            fresh_errors.append(exc)
+
+    f = threading.Thread(target=run_fresh)
+    f.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(read_all(store, "totals")) < 10 and f.is_alive():
+            assert time.monotonic() < deadline, "the new incarnation did not commit"
+            time.sleep(0.1)
+        pause.release.set()
+        t.join(60)
+    finally:
+        fresh.stop()
+        f.join(60)
+    assert not t.is_alive() and not f.is_alive()
     assert len(errors) == 1 and isinstance(errors[0], FencedError)
     assert "took over" in str(errors[0])
+    assert fresh_errors == []
     assert [json.loads(r.value) for r in read_all(store, "totals")] == list(range(1, 11))
 
 

@@ -10,6 +10,12 @@ file records the changelog offset it holds, so after a crash only the tail is re
 and a partition that moves to another worker is rebuilt from the changelog. The effect
 journal of an `EffectSink` lives there too, beside the state of the partition whose
 inputs produced the effects.
+
+A worker stops (`FencedError`) only when another live process runs its slot. Outages,
+pauses and starved CPUs produce the same client errors (a fenced static member, a
+refused generation, a producer epoch bumped by the broker's timeout abort): then the
+epoch is dropped, the dead client replaced, and the worker goes on by itself, saying
+once that Kafka is unreachable and once that it is back.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,7 +35,7 @@ import msgspec
 
 from ._crash import from_env
 from ._dataflow import topology_problems
-from ._errors import ConfigError, FencedError, StoreError, TopologyError
+from ._errors import ConfigError, FencedError, StoreError, TopologyError, UnavailableError
 from ._kafka_common import (
     CLIENT_LOG,
     KafkaURL,
@@ -66,6 +73,16 @@ _DEFAULT_TOMBSTONE_S = 86_400.0
 # most this often (one small write), so an idle partition is not rebuilt whole after a
 # restart only because its last write is older than the changelog keeps tombstones.
 _SYNC_REFRESH_S = 60.0
+# The group session: a worker that stops heartbeating (a SIGKILL, a lost machine) hands
+# its partitions on within this time. A broker outage longer than this ends every
+# member's session; the workers rejoin when it is back (`KafkaSession._consumer_failed`).
+SESSION_TIMEOUT_S = 10.0
+# While Kafka cannot be reached, how often a worker asks whether it is back: it says so,
+# and resumes, within this time of the broker answering again.
+_PROBE_EVERY_S = 1.0
+# The waits that cannot be skipped (an epoch whose commit is in doubt) back off from the
+# first figure to the second: fast after a blip, without hammering a broker that is down.
+_BACKOFF_S = (0.2, 5.0)
 
 
 def _retrying(ck: Any, fn: Callable[[], Any], what: str) -> Any:
@@ -112,7 +129,7 @@ def _bounded(fn: Callable[[], Any], what: str) -> Any:
     if not box:
         raise StoreError(
             f"{what} did not return within {TXN_TIMEOUT_S:.0f}s (the broker or its "
-            "coordinator is unreachable); the transaction is abandoned"
+            "coordinator does not answer); the transaction is abandoned"
         )
     ok, value = box[0]
     if ok:
@@ -308,6 +325,65 @@ def changelog_key(kind: bytes, step: str, key: str) -> bytes:
     return kind + b"\x00" + step.encode() + b"\x00" + encode_key(key)
 
 
+class _Outage:
+    """Says once that Kafka cannot be reached and once that it is back.
+
+    Every client of a worker notices an outage on its own, many times a second, and
+    some of it late (an error queued while the worker waited in a call, a coordinator
+    still loading after a restart): so an error only starts an outage once a metadata
+    request (`probe`) fails too, and a probe that answers ends it. The operator gets two
+    lines: since when the worker waits, and when it resumed."""
+
+    def __init__(self, bootstrap: str, worker: int, probe: Callable[[], bool]) -> None:
+        self.bootstrap = bootstrap
+        self.worker = worker
+        self.probe = probe
+        self.since: float | None = None
+        self._last_probe = -_PROBE_EVERY_S
+        self._lock = threading.Lock()
+
+    def _probe_due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last_probe < _PROBE_EVERY_S:
+            return False
+        self._last_probe = now
+        return True
+
+    def down(self, reason: str) -> None:
+        """A client error that an outage would explain."""
+        if self.since is not None or not self._probe_due() or self.probe():
+            return
+        with self._lock:
+            if self.since is not None:
+                return
+            self.since = time.monotonic()
+        log.warning(
+            "Kafka at %s is unreachable (%s); worker %d waits and resumes by itself, "
+            "nothing is lost",
+            self.bootstrap,
+            reason,
+            self.worker,
+        )
+
+    def check(self) -> None:
+        """While down, at most once a second: is Kafka back?"""
+        if self.since is not None and self._probe_due() and self.probe():
+            self.up()
+
+    def up(self) -> None:
+        """Kafka answered."""
+        with self._lock:
+            if self.since is None:
+                return
+            took, self.since = time.monotonic() - self.since, None
+        log.warning(
+            "Kafka at %s is reachable again after %.0fs; worker %d resumes",
+            self.bootstrap,
+            took,
+            self.worker,
+        )
+
+
 class KafkaSession:
     """One worker process's hold on Kafka: consumer, transactional producer, stores."""
 
@@ -330,9 +406,35 @@ class KafkaSession:
         self.step_topics = step_topics
         self.default_partitions = topic_partitions
         self.commit_interval = commit_interval
-        self.admin = self.ck.admin.AdminClient({"bootstrap.servers": url.bootstrap})
+        self._outage = _Outage(url.bootstrap, worker, self._reachable)
+        # The worker slot: the transactional id and the static group member id.
+        self._slot_id = url.topic(f"onceflow-{app}-{worker}")
+        # Named per process in the broker's logs and in `kafka-consumer-groups`.
+        self._client_id = f"{self._slot_id}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        # Every group member id this process's consumers had: the group holding the
+        # slot's static member under any other id means another process took the slot
+        # (see `_replaced`).
+        self._member_ids: set[str] = set()
+        # No error_cb here: an admin client serves it on a thread of its own, which the
+        # outage's probe (a call of this same client) must not run on.
+        self.admin = self.ck.admin.AdminClient(self._conf())
         self.producer: Any = None
         self.consumer: Any = None
+        # A transactional call failed, so the producer may still have a request in flight
+        # that could land on a later transaction (librdkafka has no KIP-890 client,
+        # librdkafka#5423): it is replaced, which fences it, before anything else is sent.
+        self._producer_ok = False
+        # The producer has a transaction open (rollback aborts only that).
+        self._in_txn = False
+        # Its init_transactions has not finished: the next attempt resumes it.
+        self._init_pending = False
+        # The producer was fenced while it was not known whether another process took
+        # the slot (the broker was unreachable): found out before a new one is made.
+        self._fence_unresolved = False
+        # The consumer died (the group fenced its static member id): why.
+        self._consumer_dead: str | None = None
+        # rewind() could not read the committed offsets: poll does it first.
+        self._rewind_pending = False
         self.local: dict[tuple[str, int], LocalStore] = {}
         self.assigned: list[tuple[str, int]] = []
         self._partitions: dict[str, int] = {}
@@ -354,9 +456,6 @@ class KafkaSession:
         # Per partition, the offset an external sink recorded as done: never read below.
         self.floors: dict[TP, int] = {}
         self.fenced = False
-        # Fenced by the group only (its generation moved on): the producer still works,
-        # and aborts its transaction rather than leave it open until it times out.
-        self._group_fenced = False
         self._sent_offsets = False
         self._closing = False
         # Per input topic, how long its changelog keeps tombstones (read at start).
@@ -460,12 +559,13 @@ class KafkaSession:
         """The last topology written to the app's meta topic must match this one."""
         meta = self.url.topic(self._meta_topic())
         c = self.ck.Consumer(
-            {
-                "bootstrap.servers": self.url.bootstrap,
-                "group.id": f"onceflow-meta-{os.getpid()}",
-                "isolation.level": "read_committed",
-                "enable.auto.commit": False,
-            }
+            self._conf(
+                **{
+                    "group.id": f"onceflow-meta-{os.getpid()}",
+                    "isolation.level": "read_committed",
+                    "enable.auto.commit": False,
+                }
+            )
         )
         stored = None
         try:
@@ -498,73 +598,283 @@ class KafkaSession:
             )
         # The config (commit interval, topics, retention) may change between runs; it is
         # written every start so that `onceflow status` shows the current one.
-        p = self.ck.Producer({"bootstrap.servers": self.url.bootstrap, "acks": "all"})
+        p = self.ck.Producer(self._conf(acks="all"))
         if stored is None:
             p.produce(meta, key=b"topology", value=text.encode())
         p.produce(meta, key=b"config", value=json.dumps(config).encode())
         p.flush(TXN_TIMEOUT_S)
 
+    def _conf(self, **extra: Any) -> dict[str, Any]:
+        """Client settings: librdkafka's own log lines go through `logging`, held back
+        when they repeat (`CLIENT_LOG`), never straight to stderr."""
+        return {"bootstrap.servers": self.url.bootstrap, "logger": CLIENT_LOG, **extra}
+
     def acquire(self, sources: Iterable[str]) -> None:
         self._sources = list(sources)
-        self._new_producer()
-        self.consumer = self.ck.Consumer(
-            {
-                "bootstrap.servers": self.url.bootstrap,
-                "group.id": self.url.topic(self.app),
-                "isolation.level": "read_committed",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "partition.assignment.strategy": "range",
-                # Static membership: a restarted worker slot gets its partitions back at
-                # once instead of after the dead member's session times out.
-                "group.instance.id": self.url.topic(f"onceflow-{self.app}-{self.worker}"),
-                # A dead worker's partitions move on within this time.
-                "session.timeout.ms": 10_000,
-                "heartbeat.interval.ms": 1_000,
-                "fetch.wait.max.ms": 20,
-                # The end of a partition is known from the fetcher, which steps over
-                # transaction markers; the consumer's position does not.
-                "enable.partition.eof": True,
-            }
+        self._new_producer(first=True)
+        self._new_consumer()
+
+    def _new_consumer(self) -> None:
+        """(Re)create the group consumer of this worker slot and subscribe it."""
+        old, self.consumer = self.consumer, None
+        if old is not None:
+            # A dead consumer's partitions are lost, not revoked: nothing may commit for
+            # them, and its close must not run the App's callbacks (they check `consumer`).
+            lost = list(self.assigned)
+            if lost:
+                self.partitions_lost()
+                self._drop([self.ck.TopicPartition(self.url.topic(t), p) for t, p in lost])
+            with contextlib.suppress(Exception):
+                old.close()
+        consumer = self.ck.Consumer(
+            self._conf(
+                **{
+                    "group.id": self.url.topic(self.app),
+                    "client.id": self._client_id,
+                    "error_cb": self._client_error,
+                    "isolation.level": "read_committed",
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    "auto.offset.reset": "earliest",
+                    "partition.assignment.strategy": "range",
+                    # Static membership: a restarted worker slot gets its partitions back
+                    # at once instead of after the dead member's session times out.
+                    "group.instance.id": self._slot_id,
+                    # A dead worker's partitions move on within this time.
+                    "session.timeout.ms": int(SESSION_TIMEOUT_S * 1000),
+                    "heartbeat.interval.ms": 1_000,
+                    "fetch.wait.max.ms": 20,
+                    # The end of a partition is known from the fetcher, which steps over
+                    # transaction markers; the consumer's position does not.
+                    "enable.partition.eof": True,
+                }
+            )
         )
-        self.consumer.subscribe(
+        consumer.subscribe(
             [self.url.topic(t) for t in self._sources],
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
+        self.consumer = consumer
+        self._consumer_dead = None
 
-    def _new_producer(self) -> None:
+    def _new_producer(self, *, first: bool = False) -> None:
         """(Re)create the transactional producer; init_transactions fences every older
-        producer of this worker slot and aborts its open transaction."""
-        if self.producer is not None:
-            with contextlib.suppress(Exception):
-                self.producer.flush(0)
-        txn_id = self.url.topic(f"onceflow-{self.app}-{self.worker}")
-        self.producer = self.ck.Producer(
-            {
-                "bootstrap.servers": self.url.bootstrap,
-                "transactional.id": txn_id,
-                "enable.idempotence": True,
-                "transaction.timeout.ms": transaction_timeout_ms(self.commit_interval),
-                "linger.ms": 2,
-                # The coordinator answers CONCURRENT_TRANSACTIONS right after a commit;
-                # the default 100 ms backoff would then delay every next epoch.
-                "retry.backoff.ms": 10,
-                "batch.num.messages": 10_000,
-                "queue.buffering.max.messages": 2_000_000,
-                "queue.buffering.max.kbytes": 1_048_576,
-            }
-        )
+        producer of this worker slot and settles its open transaction (commits one whose
+        commit the coordinator already has, aborts any other).
+
+        The first one refuses a broker that answers but cannot run transactions; later,
+        a producer that cannot be made means Kafka is unreachable, and the App waits.
+
+        A producer whose init_transactions timed out is resumed, never replaced: its
+        InitProducerId may still reach the coordinator after a newer producer's, and would
+        fence that one. Nor is a replaced producer called again: an abort from it would
+        ask for an epoch bump with its own id and epoch (KIP-360), which the coordinator
+        grants to the epoch just before the current one, fencing the new producer."""
+        self._producer_ok = self._in_txn = False
+        if self._init_pending and self.producer is not None:
+            producer = self.producer
+        else:
+            if self.producer is not None:
+                with contextlib.suppress(Exception):
+                    self.producer.flush(0)
+            producer = self.producer = self._make_producer()
+        self._init_pending = True
         try:
-            self.producer.init_transactions(TXN_TIMEOUT_S)
-        except self.ck.KafkaException as exc:
-            raise ConfigError(
-                f"Kafka at {self.url.bootstrap} cannot run transactions ({exc.args[0]}). "
-                "Operator action: the broker needs transaction.state.log.replication.factor "
-                "and transaction.state.log.min.isr no larger than the number of brokers"
+            _bounded(lambda: producer.init_transactions(TXN_TIMEOUT_S), "init_transactions")
+        except Exception as exc:
+            reason = exc.args[0] if isinstance(exc, self.ck.KafkaException) else exc
+            if isinstance(exc, self.ck.KafkaException) and exc.args[0].fatal():
+                self._init_pending = False  # dead: the next attempt makes a new one
+            if first and self._reachable(5.0):
+                raise ConfigError(
+                    f"Kafka at {self.url.bootstrap} cannot run transactions ({reason}). "
+                    "Operator action: the broker needs transaction.state.log.replication."
+                    "factor and transaction.state.log.min.isr no larger than the number of "
+                    "brokers"
+                ) from exc
+            self._outage.down(f"init_transactions: {reason}")
+            raise UnavailableError(
+                f"worker {self.worker} cannot make a transactional producer on Kafka at "
+                f"{self.url.bootstrap} ({reason}); it retries once the broker answers"
             ) from exc
+        self._init_pending = False
+        self._producer_ok = True
+        self._outage.up()
+
+    def _make_producer(self) -> Any:
+        return self.ck.Producer(
+            self._conf(
+                **{
+                    "transactional.id": self._slot_id,
+                    "error_cb": self._client_error,
+                    "enable.idempotence": True,
+                    "transaction.timeout.ms": transaction_timeout_ms(self.commit_interval),
+                    "linger.ms": 2,
+                    # The coordinator answers CONCURRENT_TRANSACTIONS right after a
+                    # commit; the default 100 ms backoff would then delay every next epoch.
+                    "retry.backoff.ms": 10,
+                    "batch.num.messages": 10_000,
+                    "queue.buffering.max.messages": 2_000_000,
+                    "queue.buffering.max.kbytes": 1_048_576,
+                }
+            )
+        )
+
+    # -- outages and fencing ----------------------------------------------------------
+
+    def _client_error(self, err: Any) -> None:
+        """librdkafka's error_cb. Errors it retries by itself are reported here, not
+        raised: all brokers down is the start of an outage."""
+        if err.code() == self.ck.KafkaError._ALL_BROKERS_DOWN:
+            self._outage.down(err.str())
+
+    def _unreachable(self, err: Any) -> bool:
+        """An error that a broker coming back clears: the worker waits, it does not stop."""
+        e = self.ck.KafkaError
+        return bool(err.retriable()) or err.code() in (
+            e._TRANSPORT,
+            e._ALL_BROKERS_DOWN,
+            e._RESOLVE,
+            e._TIMED_OUT,
+            e._TIMED_OUT_QUEUE,
+            e._MSG_TIMED_OUT,
+            e._WAIT_COORD,
+            e.REQUEST_TIMED_OUT,
+            e.NETWORK_EXCEPTION,
+            e.NOT_COORDINATOR,
+            e.COORDINATOR_NOT_AVAILABLE,
+            e.COORDINATOR_LOAD_IN_PROGRESS,
+            e.LEADER_NOT_AVAILABLE,
+            e.NOT_LEADER_FOR_PARTITION,
+            e.UNKNOWN_TOPIC_OR_PART,
+            e._UNKNOWN_PARTITION,
+        )
+
+    def _reachable(self, timeout: float = _PROBE_EVERY_S) -> bool:
+        """Whether a broker answers a metadata request."""
+        try:
+            self.admin.list_topics(timeout=timeout)
+        except self.ck.KafkaException:
+            return False
+        return True
+
+    def _replaced(self) -> bool | None:
+        """Whether another live process holds this worker slot: True, False, or None when
+        Kafka cannot tell now.
+
+        A producer of the slot is fenced by a newer one (another process started on the
+        slot) but also by the broker itself, which bumps the epoch when it aborts a
+        transaction that outlived transaction.timeout.ms (an outage, a paused or starved
+        worker). And the group fences a static member that rejoined under a new member id
+        after its session ran out. Only the first is a reason to stop; it is the one where
+        the group holds the slot's static member under a member id that none of this
+        process's consumers ever had. (Not told by client id: a static member that
+        replaces another keeps the replaced one's client id in the group.)"""
+        self._note_member_id()
+        group = self.url.topic(self.app)
+        try:
+            futures = self.admin.describe_consumer_groups([group], request_timeout=10.0)
+            desc = futures[group].result()
+        except self.ck.KafkaException as exc:
+            self._outage.down(f"describing group {group}: {exc.args[0]}")
+            return None
+        return any(
+            m.group_instance_id == self._slot_id and m.member_id not in self._member_ids
+            for m in desc.members
+        )
+
+    def _note_member_id(self) -> None:
+        """Remember the consumer's group member id (it changes when it rejoins)."""
+        if self.consumer is None:
+            return
+        try:
+            member = self.consumer.memberid()
+        except (RuntimeError, self.ck.KafkaException):
+            return
+        if member:
+            self._member_ids.add(member)
+
+    def _fenced_error(self, why: str) -> FencedError:
+        self.fenced = True
+        return FencedError(
+            f"app '{self.app}' worker {self.worker} was fenced ({why}): another process "
+            "took over this worker slot and runs it; this one stops without committing. "
+            "Operator action: run each worker slot (ONCEFLOW_WORKER) in one process only"
+        )
+
+    def _producer_failed(self, exc: BaseException) -> BaseException:
+        """After any failed transactional call: the producer is replaced before the next
+        transaction. A fenced one stops the worker only if another process took the
+        slot. Returns the exception to raise."""
+        self._producer_ok = False
+        original = exc
+        if not isinstance(exc, self.ck.KafkaException):
+            return original
+        err = exc.args[0]
+        if not (err.fatal() or err.code() in self._fence_codes()):
+            if self._unreachable(err):
+                self._outage.down(err.str())
+            return original
+        replaced = self._replaced()
+        if replaced:
+            return self._fenced_error(err.str())
+        self._fence_unresolved = replaced is None
+        return StoreError(
+            f"worker {self.worker}'s producer was fenced ({err.str()}) by the broker, not by "
+            "another process (a transaction that outlived its timeout in an outage or a "
+            "pause is aborted so); the epoch is dropped and a new producer takes over"
+        )
+
+    def _fence_codes(self) -> tuple[int, ...]:
+        e = self.ck.KafkaError
+        return (e._FENCED, e._FATAL, e.PRODUCER_FENCED, e.INVALID_PRODUCER_EPOCH)
+
+    def _txn_call(self, fn: Callable[[Any], Any], what: str, *, local: bool = False) -> Any:
+        """A call of the transactional producer, bounded (`_bounded`) unless it is
+        `local` (it sends nothing, and a thread per epoch is not free)."""
+        producer = self.producer
+        try:
+            return fn(producer) if local else _bounded(lambda: fn(producer), what)
+        except Exception as exc:
+            failed = self._producer_failed(exc)
+            if failed is exc:
+                raise
+            raise failed from exc
+
+    def _ensure_producer(self, wait: float = 0.0) -> None:
+        """Before a transaction: a producer that no late request of a failed one can
+        reach. Tries for `wait` seconds (a coordinator still loading after a restart or
+        a pause), then raises UnavailableError while Kafka cannot make one."""
+        deadline = time.monotonic() + wait
+        backoff = _BACKOFF_S[0]
+        while True:
+            try:
+                self._ensure_producer_once()
+                return
+            except UnavailableError:
+                if time.monotonic() + backoff > deadline:
+                    raise
+                time.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_S[1])
+
+    def _ensure_producer_once(self) -> None:
+        if self.fenced:
+            raise self._fenced_error("found before")
+        if self._producer_ok:
+            return
+        if self._fence_unresolved:
+            replaced = self._replaced()
+            if replaced is None:
+                raise UnavailableError(
+                    f"worker {self.worker} cannot reach Kafka at {self.url.bootstrap} to "
+                    "learn whether another process took its slot; it retries"
+                )
+            if replaced:
+                raise self._fenced_error("its producer was fenced by a newer one")
+            self._fence_unresolved = False
+        self._new_producer()
 
     # -- rebalances -----------------------------------------------------------------
 
@@ -646,10 +956,14 @@ class KafkaSession:
             )
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        if consumer is not self.consumer:
+            return  # a dead consumer closing: `_new_consumer` dropped its partitions
         self.before_revoke()
         self._drop(partitions)
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        if consumer is not self.consumer:
+            return
         self.partitions_lost()
         self._drop(partitions)
 
@@ -877,11 +1191,17 @@ class KafkaSession:
 
     def rewind(self) -> dict[tuple[str, int], int]:
         """Back to the last commit: seek every held partition to its committed offset,
-        or to where an external sink recorded it is done, if that is further."""
-        committed = {
-            tp: max(off, self.floors.get(tp, 0)) for tp, off in self.committed_positions().items()
-        }
+        or to where an external sink recorded it is done, if that is further. While
+        Kafka cannot say, nothing is read until it can (`poll` rewinds first)."""
         self._eof.clear()
+        try:
+            found = self.committed_positions()
+        except self.ck.KafkaException as exc:
+            self._outage.down(f"reading committed offsets: {exc.args[0]}")
+            self._rewind_pending = True
+            return {}
+        self._rewind_pending = False
+        committed = {tp: max(off, self.floors.get(tp, 0)) for tp, off in found.items()}
         for (topic, part), off in committed.items():
             # A partition not fetching yet starts from the committed offset anyway.
             with contextlib.suppress(self.ck.KafkaException):
@@ -889,15 +1209,35 @@ class KafkaSession:
         return committed
 
     def poll(self, positions: dict[tuple[str, int], int], max_records: int) -> list[Batch]:
-        # A short wait: under steady input a long one would hold every epoch back by it.
-        msgs = self.consumer.consume(max_records, 0.01)
+        if self.fenced:
+            raise self._fenced_error("found before")
+        self._outage.check()
+        if self._consumer_dead is not None and not self._consumer_failed():
+            time.sleep(0.05)
+            return []
+        if self._rewind_pending:
+            self.rewind()
+            if self._rewind_pending:
+                time.sleep(0.05)
+                return []
+        try:
+            # A short wait: under steady input a long one would hold every epoch back.
+            msgs = self.consumer.consume(max_records, 0.01)
+        except self.ck.KafkaException as exc:
+            self._consumer_error(exc.args[0])
+            return []
+        # Each poll: a rejoin hands the consumer a new member id at any time.
+        self._note_member_id()
         by_topic: dict[str, Batch] = {}
         for m in msgs:
             if m.error():
                 if m.error().code() == self.ck.KafkaError._PARTITION_EOF:
                     self._eof.add((self.url.strip(m.topic()), m.partition()))
-                    continue
-                raise StoreError(f"Kafka consumer error: {m.error()}")
+                    self._outage.up()
+                elif self._consumer_error(m.error()):
+                    # The consumer died with its partitions: nothing it read counts.
+                    return []
+                continue
             topic = self.url.strip(m.topic())
             self._eof.discard((topic, m.partition()))
             b = by_topic.get(topic)
@@ -910,7 +1250,48 @@ class KafkaSession:
             b.raws.append(m.value() or b"")
             b.tss.append(m.timestamp()[1] / 1000.0)
             b.ids.append(eid)
+        if by_topic:
+            self._outage.up()
         return list(by_topic.values())
+
+    def _consumer_error(self, err: Any) -> bool:
+        """An error the consumer reported; True if it killed the consumer. It retries
+        transport and leadership errors itself; one that killed it (the group fenced its
+        static member id, which an outage longer than the session does) means a new
+        consumer, unless another process took the slot. Anything else needs the operator."""
+        if err.fatal() or err.code() == self.ck.KafkaError._FATAL:
+            self._consumer_dead = err.str()
+            self._consumer_failed()
+            return True
+        if self._unreachable(err):
+            self._outage.down(err.str())
+        elif err.code() == self.ck.KafkaError._MAX_POLL_EXCEEDED:
+            # The worker was away longer than max.poll.interval.ms (a long wait on
+            # Kafka): the consumer left the group and rejoins on this poll by itself.
+            log.warning("worker %d rejoins its group: %s", self.worker, err.str())
+        else:
+            raise StoreError(
+                f"Kafka consumer error: {err.str()}. Operator action: check the topics and "
+                f"the app's access to them on {self.url.bootstrap}"
+            )
+        return False
+
+    def _consumer_failed(self) -> bool:
+        """Replace the dead consumer. True once done; False while Kafka cannot tell
+        whether another process took the slot (then the next poll tries again)."""
+        replaced = self._replaced()
+        if replaced is None:
+            return False
+        if replaced:
+            raise self._fenced_error(self._consumer_dead or "its group member was taken")
+        log.warning(
+            "worker %d's group member was fenced (%s) after its session ran out; it rejoins "
+            "with a new consumer",
+            self.worker,
+            self._consumer_dead,
+        )
+        self._new_consumer()
+        return True
 
     def wait_for_data(self, timeout: float, stop: Any) -> None:
         """`poll` already waits in the consumer."""
@@ -941,47 +1322,13 @@ class KafkaSession:
 
     # -- the commit's operations (called by Checkpoint, in its order) ---------------
 
-    def _fenced(self, exc: BaseException) -> FencedError | None:
-        """A newer producer of this slot, or a newer group generation, took over. The
-        producer must not be recreated: that would fence the rightful owner in turn."""
-        if not isinstance(exc, self.ck.KafkaException):
-            return None
-        err = exc.args[0]
-        fenced = {
-            self.ck.KafkaError._FENCED,
-            self.ck.KafkaError.PRODUCER_FENCED,
-            self.ck.KafkaError.INVALID_PRODUCER_EPOCH,
-            self.ck.KafkaError.FENCED_INSTANCE_ID,
-            self.ck.KafkaError.ILLEGAL_GENERATION,
-            self.ck.KafkaError.UNKNOWN_MEMBER_ID,
-        }
-        if err.code() in fenced:
-            return FencedError(
-                f"app '{self.app}' worker {self.worker} was fenced ({err.str()}): another "
-                "process took over its slot or partitions; this one stops without committing"
-            )
-        return None
-
-    def _guard(self, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except Exception as exc:
-            fenced = self._fenced(exc)
-            if fenced is not None:
-                self.fenced = True
-                self._group_fenced = exc.args[0].code() in (
-                    self.ck.KafkaError.ILLEGAL_GENERATION,
-                    self.ck.KafkaError.UNKNOWN_MEMBER_ID,
-                    self.ck.KafkaError.FENCED_INSTANCE_ID,
-                )
-                raise fenced from exc
-            raise
-
     def begin(self) -> Any:
         self._pending = {}
         self._produced = {}
         self._sent_offsets = False
-        self._guard(self.producer.begin_transaction)
+        self._ensure_producer(wait=TXN_TIMEOUT_S)
+        self._txn_call(lambda p: p.begin_transaction(), "begin_transaction", local=True)
+        self._in_txn = True
         return self
 
     def check_fence(self, txn: Any) -> None:
@@ -1012,6 +1359,12 @@ class KafkaSession:
                 return
             except BufferError:
                 self.producer.poll(0.05)
+            except self.ck.KafkaException as exc:
+                # A fenced (fatal) producer refuses records at once.
+                failed = self._producer_failed(exc)
+                if failed is exc:
+                    raise
+                raise failed from exc
 
     def write_outputs(self, txn: Any, outputs: dict[tuple[str, int], Columns]) -> None:
         # Writing to one of our own inputs (a `through` topic) makes its end-of-partition
@@ -1129,16 +1482,17 @@ class KafkaSession:
         return n
 
     def write_positions(self, txn: Any, positions: dict[tuple[str, int], int]) -> None:
+        """The offsets join the transaction with the group generation: a worker whose
+        partitions moved on (a rebalance, or a session that ran out in an outage) is
+        refused here (ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID, FENCED_INSTANCE_ID), its
+        epoch dropped; it rejoins and goes on."""
         tps = [
             self.ck.TopicPartition(self.url.topic(t), p, off) for (t, p), off in positions.items()
         ]
         meta = self.consumer.consumer_group_metadata()
-        producer = self.producer
-        self._guard(
-            lambda: _bounded(
-                lambda: producer.send_offsets_to_transaction(tps, meta, TXN_TIMEOUT_S),
-                "send_offsets_to_transaction",
-            )
+        self._txn_call(
+            lambda p: p.send_offsets_to_transaction(tps, meta, TXN_TIMEOUT_S),
+            "send_offsets_to_transaction",
         )
         self._sent_offsets = True
 
@@ -1153,45 +1507,86 @@ class KafkaSession:
         )
 
     def commit(self, txn: Any) -> None:
-        producer = self.producer
-        self._guard(
-            lambda: _bounded(
-                lambda: producer.commit_transaction(TXN_TIMEOUT_S), "commit_transaction"
-            )
-        )
+        self._txn_call(lambda p: p.commit_transaction(TXN_TIMEOUT_S), "commit_transaction")
+        self._in_txn = False
 
     def rollback(self, txn: Any) -> None:
+        """Abort the open transaction. After a failed transactional call the producer is
+        replaced instead (its abort could be as late as the call was), which aborts it on
+        the coordinator; while Kafka is down that waits for the next `begin`."""
         self._pending = {}
-        if self._group_fenced:
-            # A zombie the group fenced (it resumed after its partitions moved) still has
-            # a working producer: its open transaction would hold the changelog's end,
-            # and the new owner's restore, until it times out. Never a new producer here.
-            self._group_fenced = False
-            producer = self.producer
-            with contextlib.suppress(Exception):
-                _bounded(lambda: producer.abort_transaction(TXN_TIMEOUT_S), "abort_transaction")
-            return
         if self.fenced:
             return
-        try:
-            producer = self.producer
-            _bounded(lambda: producer.abort_transaction(TXN_TIMEOUT_S), "abort_transaction")
-        except Exception as exc:
-            if self._fenced(exc) is not None:
-                self.fenced = True
+        if self._producer_ok and not self._in_txn:
+            return  # nothing open (a new producer settled the failed one's transaction)
+        if self._producer_ok:
+            try:
+                self._txn_call(lambda p: p.abort_transaction(TXN_TIMEOUT_S), "abort_transaction")
+                self._in_txn = False
                 return
-            # An abort that fails leaves the transaction's fate to the coordinator; a new
-            # producer of the same slot fences the old one and settles it.
-            log.warning("abort failed (%s); recreating the producer", exc)
-            self._new_producer()
+            except FencedError:
+                return
+            except Exception as exc:
+                log.warning("abort failed (%s); replacing the producer", exc)
+        if self._outage.since is None and not self._fence_unresolved:
+            try:
+                self._new_producer()
+            except UnavailableError as exc:
+                log.debug("%s", exc)
 
     def outcome_of(self, positions: dict[tuple[str, int], int]) -> bool:
-        """After a commit that raised: fence the old producer, then ask the group."""
-        if self.fenced:
-            return False
-        self._new_producer()
-        committed = self.committed_positions()
-        return all(committed.get(tp) == off for tp, off in positions.items())
+        """After a commit that raised: did it land? The answer must be found, not
+        guessed (a guess either loses the epoch's state or doubles its outputs), so
+        this waits for Kafka as long as it takes.
+
+        First a new producer of the slot fences the old one: its transaction is then
+        settled (a commit the coordinator had is completed, anything else aborted), and
+        no late request of it can land on a later transaction. Then the group's stable
+        offsets say whether the epoch committed."""
+        backoff = _BACKOFF_S[0]
+        while not self.fenced:
+            try:
+                self._ensure_producer()
+                committed = self._group_offsets(list(positions))
+            except (UnavailableError, StoreError) as exc:
+                if isinstance(exc, FencedError):
+                    raise
+                if backoff == _BACKOFF_S[0]:
+                    log.warning(
+                        "worker %d waits for Kafka to say whether its last commit landed "
+                        "(%s); nothing else is sent meanwhile",
+                        self.worker,
+                        exc,
+                    )
+                time.sleep(backoff)
+                backoff = min(backoff * 2, _BACKOFF_S[1])
+                continue
+            self._outage.up()
+            return all(committed.get(tp) == off for tp, off in positions.items())
+        return False
+
+    def _group_offsets(self, parts: list[TP]) -> dict[TP, int]:
+        """The group's committed offsets, asked of the coordinator through the admin
+        client (the consumer may be dead after an outage): only once no transaction is
+        pending on them (require_stable, KIP-447). Raises UnavailableError until then."""
+        group = self.url.topic(self.app)
+        req = self.ck.ConsumerGroupTopicPartitions(
+            group, [self.ck.TopicPartition(self.url.topic(t), p) for t, p in parts]
+        )
+        try:
+            futures = self.admin.list_consumer_group_offsets(
+                [req], require_stable=True, request_timeout=TXN_TIMEOUT_S
+            )
+            result = futures[group].result()
+        except self.ck.KafkaException as exc:
+            self._outage.down(f"reading the offsets of group {group}: {exc.args[0]}")
+            raise UnavailableError(f"cannot read the offsets of group {group}: {exc}") from exc
+        out: dict[TP, int] = {}
+        for tp in result.topic_partitions or []:
+            if tp.error is not None:
+                raise UnavailableError(f"offset of {tp.topic}[{tp.partition}]: {tp.error}")
+            out[(self.url.strip(tp.topic), tp.partition)] = tp.offset
+        return out
 
     def after_commit(self) -> None:
         """The epoch is durable in Kafka: bring the local stores up to it."""
@@ -1200,6 +1595,7 @@ class KafkaSession:
             # end-of-partition event would not come again.
             self._eof -= self._wrote_inputs
             self._wrote_inputs = set()
+        self._outage.up()
         self.producer.poll(0)
         for (topic, part), records in self._pending.items():
             store = self.local.get((topic, part))

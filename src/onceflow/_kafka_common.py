@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,40 @@ ID_HEADER = "onceflow-id"
 # that configures logging still sees them.
 CLIENT_LOG = logging.getLogger("onceflow.kafka.client")
 CLIENT_LOG.addHandler(logging.NullHandler())
+
+
+class _HoldBackRepeats(logging.Filter):
+    """Lets the first client line of each kind through, then one a minute.
+
+    Every client of a worker logs a failed connection attempt at each reconnect backoff
+    (several lines a second in all while the broker is down, for as long as it is down):
+    that flood buried the one line that said what was wrong. A kind is librdkafka's
+    facility (FAIL, SESSTMOUT, TXNERR...) at its level; the line that passes after a
+    quiet spell says how many were held back."""
+
+    def __init__(self, every: float) -> None:
+        super().__init__()
+        self.every = every
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[int, str], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        kind = str(args[0]) if isinstance(args, tuple) and args else str(record.msg)
+        key = (record.levelno, kind)
+        now = time.monotonic()
+        with self._lock:
+            last, held = self._seen.get(key, (-self.every, 0))
+            if now - last < self.every:
+                self._seen[key] = (last, held + 1)
+                return False
+            self._seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} more like it held back in {self.every:.0f}s)"
+        return True
+
+
+CLIENT_LOG.addFilter(_HoldBackRepeats(every=60.0))
 
 
 def kafka_module() -> Any:
