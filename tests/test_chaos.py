@@ -46,3 +46,22 @@ def test_chaos_fails_a_pipeline_whose_effects_differ(
     assert not result.ok
     failed = [name for name, ok, _ in result.checks if not ok]
     assert "committed outputs equal the reference fold (none lost, none doubled)" in failed
+
+
+def test_the_audit_says_where_a_lost_id_is(tmp_path: Path) -> None:
+    """A lost id is located: in the input at a partition and offset (the pipeline skipped
+    it), or not in the input at all (the input lost it)."""
+    from onceflow._chaos import ChaosResult, _locate_lost
+    from onceflow.testing import Event, Snapshot, send
+
+    store = str(tmp_path / "s.db")
+    evs = [Event("in", {"n": i}, key="k", id=f"e{i}") for i in range(3)]
+    send(store, evs[:2])
+    expected, actual = Snapshot(), Snapshot()
+    expected.outputs[("out", "k")] = [(b"1", f"e{i}", ()) for i in range(3)]
+    actual.outputs[("out", "k")] = [(b"1", "e0", ())]
+    result = ChaosResult(events=3)
+    _locate_lost(result, actual, expected, evs, store)
+    [(name, ok, detail)] = result.checks
+    assert not ok
+    assert detail == "2 lost: e1 in[0]@1, e2 not in the input", detail

@@ -50,6 +50,7 @@ from ._records import Record
 from ._sinks import FileSink, Sink
 from ._supervisor import Child
 from .testing import Event, Snapshot, diff, output_topics, reference, send, snapshot
+from .testing import _committed as _committed_records
 
 # How long a child started with a crash point may take to reach it before it is killed
 # anyway: a point the pipeline never passes (no FileSink, say) must not stall the run.
@@ -411,6 +412,7 @@ def _run_chaos(
     ordered = len(app._sources) == 1
     problems = diff(actual, expected, ordered=ordered)
     _audit(result, actual, expected, problems)
+    _locate_lost(result, actual, expected, evs, crashed_store)
     if monitor is not None:
         _audit_monitor(result, monitor, expected)
         from ._kafka_status import open_transactions
@@ -557,6 +559,28 @@ def _audit(result: ChaosResult, actual: Snapshot, expected: Snapshot, problems: 
                 f"{len(a)} ids, {doubled} doubled, {lost} lost",
             )
         )
+
+
+def _locate_lost(
+    result: ChaosResult, actual: Snapshot, expected: Snapshot, evs: list[Event], store: str
+) -> None:
+    """Where the first lost ids are: in the input (the pipeline skipped them) or not
+    (the input lost them), so that a failed run says which side to look at."""
+    lost: set[str] = set()
+    for topic in {t for t, _ in expected.outputs}:
+        a, e = actual.ids(topic), expected.ids(topic)
+        lost |= {i for i, c in e.items() if i is not None and c > a.get(i, 0)}
+    if not lost:
+        return
+    inputs = sorted({ev.topic for ev in evs if ev.id in lost})
+    found: dict[str, str] = {}
+    for topic in inputs:
+        for rec in _committed_records(store, topic):
+            if rec.id in lost and rec.id not in found:
+                found[rec.id] = f"{topic}[{rec.partition}]@{rec.offset}"
+    shown = sorted(lost)[:8]
+    where = ", ".join(f"{i} {found.get(i, 'not in the input')}" for i in shown)
+    result.checks.append(("lost ids located in the input", False, f"{len(lost)} lost: {where}"))
 
 
 def _audit_monitor(result: ChaosResult, monitor: _Monitor, expected: Snapshot) -> None:

@@ -41,7 +41,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Annotated, Any, Literal, NamedTuple
@@ -82,6 +82,10 @@ DEDUP_TTL_S = 7 * 86_400
 DEFAULT_RATE = 20_000
 MALFORMED = 12
 BATCH = 500
+# The supervisor holds back this share of the payments until its kills are done, and
+# lets it out a slice at a time (1/HOLD_SLICES of the run) while a kill waits for work.
+HOLD_SHARE = 0.25
+HOLD_SLICES = 50
 # Re-sends, per mille of payments: retries within one producer session (dropped by the
 # log's sequence numbers) and re-sends from a new session (dropped by `dedupe`).
 RESEND_SAME_PERMILLE = 25
@@ -228,9 +232,14 @@ def produce(
     seed: int,
     rate: float,
     out: IO[str],
+    gate: Callable[[], int] | None = None,
 ) -> dict[str, int]:
     """Send the demo's traffic; report progress to `out` as JSON lines; return the
-    manifest, which is also sent to the manifest topic as the last record."""
+    manifest, which is also sent to the manifest topic as the last record.
+
+    `gate()` says how many payments may be sent so far: the supervisor holds back the
+    last of them until its kills are done, so that a pipeline armed with a crash point
+    always has work left to reach it with, however fast or slow the machine is."""
     rng = random.Random(seed)
     hi = max_amount(payments, accounts)
     picks = rng.sample(range(payments), min(payments, payments * 50 // 1000))
@@ -279,6 +288,8 @@ def produce(
         batch_no = 0
         while batch_no < n_batches or due:
             lo, hi_i = batch_no * BATCH, min(payments, (batch_no + 1) * BATCH)
+            while gate is not None and lo < payments and gate() < hi_i:
+                time.sleep(0.01)
             items: list[tuple[str | None, Any, str | None]] = []
             for i in range(lo, hi_i):
                 items.append(value(i))
@@ -367,6 +378,17 @@ def _index(pid: str) -> int:
 def producer_main(argv: list[str]) -> int:
     """Entry of the producer process: one JSON argument with `produce`'s arguments."""
     args = json.loads(argv[0])
+    allowed = [int(args.get("allowed", args["payments"]))]
+
+    def read_allowances() -> None:
+        # "allow N" lines from the supervisor; end of input means everything may go.
+        for line in sys.stdin:
+            word, _, n = line.partition(" ")
+            if word == "allow":
+                allowed[0] = max(allowed[0], int(n))
+        allowed[0] = args["payments"]
+
+    threading.Thread(target=read_allowances, daemon=True).start()
     produce(
         args["store"],
         payments=args["payments"],
@@ -374,6 +396,7 @@ def producer_main(argv: list[str]) -> int:
         seed=args["seed"],
         rate=args["rate"],
         out=sys.stdout,
+        gate=lambda: allowed[0],
     )
     return 0
 
@@ -738,6 +761,12 @@ class Kill:
     done: str = ""
 
 
+def held_back(payments: int, plan: Sequence[object]) -> int:
+    """How many payments the producer may send before the supervisor lets out more: a
+    whole number of batches, since the producer sends whole batches only."""
+    return (payments - int(payments * HOLD_SHARE)) // BATCH * BATCH if plan else payments
+
+
 def plan_kills(kills: int, rng: random.Random, *, sink: bool = False) -> list[Kill]:
     """SIGKILLs at random moments, and every third kill a crash point of the protocol.
 
@@ -829,8 +858,11 @@ class _ProducerProcess:
         self._lock = threading.Lock()
         self._sent: dict[str, int] = {}
         self._planned: dict[str, int] = {}
+        self.payments = int(args["payments"])
+        self.allowed = int(args.get("allowed", self.payments))
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code, json.dumps(args)],
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -850,6 +882,27 @@ class _ProducerProcess:
     def sent_counts(self) -> dict[str, int]:
         with self._lock:
             return dict(self._sent)
+
+    def feed(self, drained: bool, kills_pending: bool) -> None:
+        """Let the producer send more: everything once no kill is pending, else another
+        slice each time the pipeline committed all that was sent (so a pipeline waiting
+        for a kill is never left without work)."""
+        if self.allowed >= self.payments:
+            return
+        if not kills_pending:
+            self._allow(self.payments)
+        elif drained and self.sent_counts().get("sent", 0) >= self.allowed:
+            step = max(1, self.payments // HOLD_SLICES // BATCH) * BATCH
+            self._allow(self.allowed + step)
+
+    def _allow(self, n: int) -> None:
+        self.allowed = min(self.payments, n)
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(f"allow {self.allowed}\n".encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # the producer is gone; its exit status tells why
 
     def planned(self) -> dict[str, int]:
         with self._lock:
@@ -1004,7 +1057,14 @@ def run_demo(
     Producer(store).close()
     plan = plan_kills(kills, random.Random(seed ^ 0x5EED), sink=run_db is not None)
     run = _Supervisor(store, plan, payments, random.Random(seed ^ 0xC0FFEE), console, run_db)
-    args = {"store": store, "payments": payments, "accounts": accounts, "seed": seed, "rate": rate}
+    args = {
+        "store": store,
+        "payments": payments,
+        "accounts": accounts,
+        "seed": seed,
+        "rate": rate,
+        "allowed": held_back(payments, plan),
+    }
     try:
         run.start_producer(args)
         with run.progress:
@@ -1144,6 +1204,7 @@ class _Supervisor:
         )
         finished = producer_rc == 0 and drained
         pending = self._pending()
+        self.producer.feed(drained, pending is not None)
         if not self.child.alive():
             rc = self.child.wait()
             if self.armed is not None and rc == -signal.SIGKILL:

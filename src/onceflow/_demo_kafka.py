@@ -47,6 +47,7 @@ from ._demo import (
     _outcome,
     _ProducerProcess,
     _Progress,
+    held_back,
     make_app,
     plan_kills,
     prepare_dir,
@@ -62,9 +63,11 @@ from ._serde import load_state
 if TYPE_CHECKING:
     from rich.console import Console
 
-# A worker armed with a crash point that has not reached it by then (its partitions got
-# no input, say) is SIGKILLed instead, so that an armed worker never stalls the run.
-ARMED_WAIT_S = 30.0
+# A worker armed with a crash point that has not reached it by then is SIGKILLed
+# instead, so that an armed worker never stalls the run. The producer holds input back
+# until the kills are done, so an armed worker has work; this only bounds a worker that
+# gets no partition at all, and is generous because a loaded machine restores slowly.
+ARMED_WAIT_S = 120.0
 # Workers that die on their own (a broker outage can outlast a transaction) are
 # restarted; this many such deaths means something is wrong beyond the planned faults.
 MAX_UNPLANNED_DEATHS = 40
@@ -169,6 +172,7 @@ def run_kafka_demo(
         "accounts": accounts,
         "seed": seed,
         "rate": rate,
+        "allowed": held_back(payments, [*plan, *bplan]),
     }
     try:
         run.start(args)
@@ -316,6 +320,7 @@ class _KafkaRun:
         if not self._reap():
             return False
         broker_due = next((b for b in self.bplan if not b.done), None)
+        self.producer.feed(self.drained, broker_due is not None or self._pending() is not None)
         if broker_due is not None and (self.processed >= broker_due.at * self.payments or finished):
             self._bounce_broker(broker_due)
             return True
@@ -365,6 +370,8 @@ class _KafkaRun:
             self._start(slot)
             return True
         _, slot, since = self.armed
+        # The producer holds work back until the kills are done, so an armed worker runs
+        # out of work only when the held-back share is out too (`finished`).
         if finished or time.monotonic() - since > ARMED_WAIT_S:
             # Idle, so it would never reach the point: a SIGKILL stands in.
             self.pool.children[slot].kill()

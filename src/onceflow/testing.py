@@ -190,9 +190,20 @@ def snapshot(app: App, store: str | None = None) -> Snapshot:
 
 
 def _committed(store: str, topic: str) -> list[Record]:
-    from ._kafka_clients import read_committed
+    """Every committed record of `topic`, partition by partition, on either backend."""
+    if is_kafka(store):
+        from ._kafka_clients import read_committed
 
-    return read_committed(store, topic)
+        return read_committed(store, topic)
+    st = SQLiteStore(store)
+    try:
+        return [
+            rec
+            for part in st.end_offsets(topic)
+            for rec in st.read_records(topic, part, 0, 1 << 62)
+        ]
+    finally:
+        st.close()
 
 
 def _kafka_snapshot(app: App, store: str) -> Snapshot:
