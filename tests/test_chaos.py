@@ -62,6 +62,6 @@ def test_the_audit_says_where_a_lost_id_is(tmp_path: Path) -> None:
     actual.outputs[("out", "k")] = [(b"1", "e0", ())]
     result = ChaosResult(events=3)
     _locate_lost(result, actual, expected, evs, store)
-    [(name, ok, detail)] = result.checks
+    [(_name, ok, detail)] = result.checks
     assert not ok
     assert detail == "2 lost: e1 in[0]@1, e2 not in the input", detail

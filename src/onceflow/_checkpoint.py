@@ -36,6 +36,26 @@ One epoch:
        go on with full epochs. If that dead-letter epoch fails too, it was not the
        record: 5b.
 
+The fenced-write rule. Every durable write a processor makes (outputs, state, dedup
+ids, dead letters, input offsets, sink rows and their bookkeeping, file positions,
+effect outcomes) takes effect only if the writer still owns the partition, and that is
+checked inside the same transaction as the write, never before it: a process can be
+paused between any two instructions and resume after a successor took over (a zombie).
+- Inside an epoch (3a-3g) the check is the transaction itself: 3b on the embedded store
+  (the lease epoch, read and compared in the write transaction), the producer epoch and
+  the group generation on Kafka (the broker refuses a fenced producer's commit and a
+  stale member's offsets), the prepared transaction's id (app, sink, partition, fence)
+  in PostgreSQL.
+- After the commit (deliveries from an outbox, a file sink's position, an effect's
+  outcome) every update that settles something is a compare-and-set of what it settles
+  (`Sink.fenced()`, `_effect_journal.py`): a settled row is never settled again, and a
+  writer that finds its row settled or its fence moved stops as fenced.
+- A sink or step never opens a transaction of its own on the store: it writes through
+  the transaction the backend hands it (`Sink.write(conn, rows)`), so it cannot bypass
+  the check. A new kind of write goes there, or is a compare-and-set.
+Tests pause a process at each step (`ONCEFLOW_PAUSE_AT`, `_crash.py`), let a successor
+take over, resume the zombie and audit the committed effects.
+
 Paranoid checks: an epoch number commits at most once, and offsets never move back
 (checked again inside the transaction by the store).
 """
