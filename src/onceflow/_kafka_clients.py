@@ -12,9 +12,11 @@ from ._kafka_common import (
     CLIENT_LOG,
     KafkaURL,
     encode_headers,
+    encode_key,
     kafka_module,
     kafka_partition,
     message_record,
+    transient,
 )
 from ._records import Record, SendResult
 from ._serde import encode_value
@@ -72,7 +74,7 @@ class KafkaProducerImpl:
                 self._topics[topic] = n
                 return n
             except self.ck.KafkaException as exc:
-                if time.monotonic() > deadline or not _transient(self.ck, exc.args[0]):
+                if time.monotonic() > deadline or not transient(self.ck, exc.args[0]):
                     raise StoreError(f"cannot create topic '{topic}': {exc}") from exc
                 time.sleep(0.5)
 
@@ -133,7 +135,7 @@ class KafkaProducerImpl:
                     self.producer.produce(
                         self.url.topic(topic),
                         value=encode_value(value),
-                        key=None if key is None else key.encode(),
+                        key=None if key is None else encode_key(key),
                         partition=part,
                         headers=encode_headers(headers, eid),
                         timestamp=ts,
@@ -154,18 +156,6 @@ class KafkaProducerImpl:
 
     def close(self) -> None:
         self.producer.flush(_TIMEOUT_S)
-
-
-def _transient(ck: Any, err: Any) -> bool:
-    """An error that a broker coming back would clear."""
-    return bool(err.retriable()) or err.code() in (
-        ck.KafkaError._TRANSPORT,
-        ck.KafkaError._ALL_BROKERS_DOWN,
-        ck.KafkaError._TIMED_OUT,
-        ck.KafkaError.REQUEST_TIMED_OUT,
-        ck.KafkaError.NOT_CONTROLLER,
-        ck.KafkaError.LEADER_NOT_AVAILABLE,
-    )
 
 
 class KafkaConsumerImpl:
