@@ -55,13 +55,16 @@ def test_the_audit_says_where_a_lost_id_is(tmp_path: Path) -> None:
     from onceflow.testing import Event, Snapshot, send
 
     store = str(tmp_path / "s.db")
-    evs = [Event("in", {"n": i}, key="k", id=f"e{i}") for i in range(3)]
+    evs = [Event("in", {"n": i}, key="k", id=f"e{i}") for i in range(4)]
     send(store, evs[:2])
+    send(store, [Event("dlq", {"n": 0}, key="k", id="e0")])
     expected, actual = Snapshot(), Snapshot()
-    expected.outputs[("out", "k")] = [(b"1", f"e{i}", ()) for i in range(3)]
-    actual.outputs[("out", "k")] = [(b"1", "e0", ())]
+    expected.outputs[("out", "k")] = [(b"1", f"e{i}", ()) for i in range(4)]
+    actual.outputs[("out", "k")] = [(b"1", "e3", ())]
     result = ChaosResult(events=3)
-    _locate_lost(result, actual, expected, evs, store)
+    _locate_lost(result, actual, expected, evs, store, "dlq")
     [(_name, ok, detail)] = result.checks
     assert not ok
-    assert detail == "2 lost: e1 in[0]@1, e2 not in the input", detail
+    assert detail == ("3 lost: e0 in[0]@0, dead-lettered (), e1 in[0]@1, e2 not in the input"), (
+        detail
+    )

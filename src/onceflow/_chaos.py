@@ -412,7 +412,7 @@ def _run_chaos(
     ordered = len(app._sources) == 1
     problems = diff(actual, expected, ordered=ordered)
     _audit(result, actual, expected, problems)
-    _locate_lost(result, actual, expected, evs, crashed_store)
+    _locate_lost(result, actual, expected, evs, crashed_store, app.dead_letter_topic)
     if monitor is not None:
         _audit_monitor(result, monitor, expected)
         from ._kafka_status import open_transactions
@@ -562,10 +562,16 @@ def _audit(result: ChaosResult, actual: Snapshot, expected: Snapshot, problems: 
 
 
 def _locate_lost(
-    result: ChaosResult, actual: Snapshot, expected: Snapshot, evs: list[Event], store: str
+    result: ChaosResult,
+    actual: Snapshot,
+    expected: Snapshot,
+    evs: list[Event],
+    store: str,
+    dead_letter_topic: str,
 ) -> None:
     """Where the first lost ids are: in the input (the pipeline skipped them) or not
-    (the input lost them), so that a failed run says which side to look at."""
+    (the input lost them), and whether they became dead letters (and why), so that a
+    failed run says which side to look at."""
     lost: set[str] = set()
     for topic in {t for t, _ in expected.outputs}:
         a, e = actual.ids(topic), expected.ids(topic)
@@ -578,6 +584,10 @@ def _locate_lost(
         for rec in _committed_records(store, topic):
             if rec.id in lost and rec.id not in found:
                 found[rec.id] = f"{topic}[{rec.partition}]@{rec.offset}"
+    for rec in _committed_records(store, dead_letter_topic):
+        if rec.id in lost:
+            err = (rec.headers or {}).get("onceflow-error", "")[:120]
+            found[rec.id] = f"{found.get(rec.id, 'not in the input')}, dead-lettered ({err})"
     shown = sorted(lost)[:8]
     where = ", ".join(f"{i} {found.get(i, 'not in the input')}" for i in shown)
     result.checks.append(("lost ids located in the input", False, f"{len(lost)} lost: {where}"))
