@@ -139,20 +139,25 @@ class EffectSink(Sink):
         except FencedError:
             raise
         except Exception as exc:
-            # The outcomes could not be journalled (on Kafka: the broker is away). The
-            # intents stay pending and go again with the same keys.
-            self._round_failed(f"journalling outcomes failed: {type(exc).__name__}: {exc}")
+            # The outcomes could not be journalled: the store is away, or (on Kafka) the
+            # worker's partitions moved on while it was away, and its settle was refused
+            # with its group generation. The intents stay pending and go again with the
+            # same keys, here or at their new owner.
+            self._round_failed(
+                f"{type(exc).__name__}: {exc}", what="their outcomes could not be journalled"
+            )
 
-    def _round_failed(self, error: str) -> None:
+    def _round_failed(self, error: str, what: str = "calls fail") -> None:
         self._backlog = True
         self._delay = min(self.max_backoff, max(self._delay * 2, self.backoff, 0.05))
         self._next_round = time.monotonic() + self._delay
         if not self._failing:
             self._failing = True
             log.warning(
-                "effect sink %s: calls fail (%s); the pending intents are retried in "
+                "effect sink %s: %s (%s); the pending intents are retried in "
                 "order with the same keys, with backoff up to %gs, until they succeed",
                 self.name,
+                what,
                 error,
                 self.max_backoff,
             )
