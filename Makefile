@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/onceflow demo
 
+# Two pytest processes, whole files each (module fixtures run once): most tests wait on
+# a broker's session timeouts or a server, so the two cores are used twice over.
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench infra examples

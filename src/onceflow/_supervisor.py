@@ -55,8 +55,11 @@ class Child:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
-    def stop(self, timeout: float = 30.0) -> int:
-        """SIGTERM, which makes the App commit and exit; SIGKILL if it does not."""
+    def stop(self, timeout: float = 75.0) -> int:
+        """SIGTERM, which makes the App commit and exit; SIGKILL if it does not. The
+        last commit may first need a new transactional producer on Kafka (after an
+        outage), whose init waits up to the client's 30 s timeout for the coordinator:
+        on a loaded machine a clean stop takes longer than that."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
