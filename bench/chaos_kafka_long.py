@@ -1,7 +1,10 @@
-"""The long chaos run on Kafka: 100,000 events, 3 workers, 10 worker kills (at random and
-at every protocol step), 3 hard broker restarts, then the full audit.
+"""The long chaos run on Kafka: 100,000 events, 2 workers, every fault kind of `onceflow
+chaos` (10 worker kills at random and at every protocol step, pauses at every step with
+a takeover, twin workers, twin producers, a starved CPU, 3 hard broker restarts, broker
+outages past the group session, the broker paused in a commit), then the full audit.
 
     .venv/bin/python bench/chaos_kafka_long.py [--events 100000] [--kills 10] [--bounces 3]
+        [--rounds 2] [--faults kill,pause,...]
 
 Starts its own broker (infra/kafka_broker.py) in a temp dir and stops it at the end.
 Exits 0 only when every audit check holds.
@@ -30,7 +33,9 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--kills", type=int, default=10, help="worker kills in all")
     ap.add_argument("--bounces", type=int, default=3, help="broker SIGKILL + restarts")
-    ap.add_argument("--workers", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="times each other fault runs")
+    ap.add_argument("--faults", default=None, help="comma-separated kinds (default: all)")
     ap.add_argument("--seed", type=int, default=2026)
     args = ap.parse_args()
     console = Console()
@@ -51,6 +56,8 @@ def main() -> int:
                 workers=args.workers,
                 broker=broker,
                 broker_kills=args.bounces,
+                faults=args.faults.split(",") if args.faults else None,
+                rounds=args.rounds,
                 progress=lambda msg: console.log(msg),
             )
             render(result, console)
