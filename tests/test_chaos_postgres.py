@@ -141,10 +141,8 @@ def test_the_command_drops_its_databases(
 ) -> None:
     monkeypatch.chdir(ROOT)
     before = _chaos_databases(postgres_server.url)
-    out = CliRunner().invoke(
-        chaos_command,
-        [TARGET, "--events", "300", "--kills", "0", "--postgres", postgres_server.url],
-    )
+    args = [TARGET, "--events", "300", "--kills", "0", "--faults", "kill"]
+    out = CliRunner().invoke(chaos_command, [*args, "--postgres", postgres_server.url])
     assert out.exit_code == 0, out.output
     assert "PostgreSQL table 'ledger'" in out.output
     assert _chaos_databases(postgres_server.url) == before

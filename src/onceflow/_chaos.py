@@ -538,12 +538,6 @@ def _audit_monitor(result: ChaosResult, monitor: _Monitor, expected: Snapshot) -
     )
 
 
-def _check_exit(child: Child, result: ChaosResult) -> None:
-    code = child.proc.returncode
-    if code not in (0, None):
-        result.checks.append(("pipeline ran without error", False, child.stderr()[-500:]))
-
-
 def _optional(module: str, name: str) -> Callable[..., Any] | None:
     try:
         obj = load_object(f"{module}:{name}")

@@ -41,6 +41,7 @@ from ._kafka import SESSION_TIMEOUT_S
 from ._kafka_common import is_kafka
 from ._producer import Producer
 from ._supervisor import Child
+from ._worker import FENCED_EXIT
 from .testing import Event
 
 FAULTS: tuple[str, ...] = (
@@ -260,9 +261,8 @@ def _outcomes(counts: Counter[str], total: str) -> str:
 
 
 def _fenced(child: Child) -> bool:
-    """Whether the child stopped with a FencedError (Kafka's and the embedded store's)."""
-    err = child.stderr()
-    return child.proc.returncode == 1 and ("was fenced" in err or "Another process took" in err)
+    """Whether the child stopped with a FencedError (of the store, the slot or a sink)."""
+    return child.proc.returncode == FENCED_EXIT
 
 
 class Workers:
