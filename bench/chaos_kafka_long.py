@@ -4,9 +4,12 @@ a takeover, twin workers, twin producers, a starved CPU, 3 hard broker restarts,
 outages past the group session, the broker paused in a commit), then the full audit.
 
     .venv/bin/python bench/chaos_kafka_long.py [--events 100000] [--kills 10] [--bounces 3]
-        [--rounds 2] [--faults kill,pause,...]
+        [--rounds 2] [--faults kill,pause,...] [--cluster]
 
-Starts its own broker (infra/kafka_broker.py) in a temp dir and stops it at the end.
+Starts its own broker (infra/kafka_broker.py) in a temp dir and stops it at the end; with
+`--cluster`, a three-node KRaft cluster (infra/kafka_cluster.py: replication factor 3,
+min ISR 2) instead, where the broker faults hit one node at a time in turn (each is the
+leader of some partitions and coordinators).
 Exits 0 only when every audit check holds.
 """
 
@@ -23,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from infra.kafka_broker import KafkaBroker  # noqa: E402
+from infra.kafka_cluster import KafkaCluster  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from onceflow._chaos import render, run_chaos  # noqa: E402
@@ -36,12 +40,18 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="times each other fault runs")
     ap.add_argument("--faults", default=None, help="comma-separated kinds (default: all)")
+    ap.add_argument("--cluster", action="store_true", help="three KRaft nodes, RF 3")
     ap.add_argument("--seed", type=int, default=2026)
     args = ap.parse_args()
     console = Console()
     with tempfile.TemporaryDirectory(prefix="onceflow-chaos-long-") as tmp:
-        broker = KafkaBroker(Path(tmp) / "kafka")
-        broker.start()
+        server: KafkaBroker | KafkaCluster
+        if args.cluster:
+            cluster = KafkaCluster(Path(tmp) / "cluster")
+            server, broker = cluster, cluster.faults(seed=args.seed)
+        else:
+            server = broker = KafkaBroker(Path(tmp) / "kafka")
+        server.start()
         try:
             os.chdir(REPO / "examples")
             t0 = time.monotonic()
@@ -52,7 +62,7 @@ def main() -> int:
                 kills=max(0, args.kills - 5),
                 seed=args.seed,
                 workdir=str(Path(tmp) / "chaos"),
-                store=f"kafka://{broker.bootstrap}",
+                store=f"kafka://{server.bootstrap}",
                 workers=args.workers,
                 broker=broker,
                 broker_kills=args.bounces,
@@ -63,7 +73,7 @@ def main() -> int:
             render(result, console)
             console.print(f"wall time {time.monotonic() - t0:.0f} s")
         finally:
-            broker.stop()
+            server.stop()
     return 0 if result.ok else 1
 
 
