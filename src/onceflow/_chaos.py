@@ -1,10 +1,12 @@
-"""`onceflow chaos`: kill a user's pipeline again and again, then audit its effects.
+"""`onceflow chaos`: fault a user's pipeline again and again, then audit its effects.
 
-The pipeline runs as a child process on a scratch store while a producer feeds it. The
-child is SIGKILLed at random moments and, once each, at every named step of the commit
-protocol (`ONCEFLOW_CRASH_AT`), and restarted. At the end it drains, and its committed
-outputs, state and dedup ids are compared with a reference run of the same App over the
-same events with no crash: every input id must have the same effects, once.
+The pipeline runs as child processes on a scratch store while a producer feeds it. A
+shuffled plan of faults runs against them (`_chaos_faults`: SIGKILLs at random and at
+every named step of the commit protocol, pauses at every step while a successor takes
+over, twin processes and producers, a starved CPU, broker and PostgreSQL outages). At the
+end it drains, and its committed outputs, state and dedup ids are compared with a
+reference run of the same App over the same events with no fault: every input id must
+have the same effects, once.
 
 A pipeline module may define `chaos_events(n, seed)` returning `onceflow.testing.Event`s
 (otherwise events are `{"id", "key", "amount"}` dicts on the App's first source), and
