@@ -1,4 +1,6 @@
-"""`onceflow chaos` on the README's example pipeline, and on a pipeline that must fail."""
+"""`onceflow chaos` on the README's example pipeline, with every fault kind of the embedded
+store (kills, pauses with a takeover, twin processors, twin producers, a starved CPU),
+and on a pipeline that must fail."""
 
 from __future__ import annotations
 
@@ -17,23 +19,46 @@ def test_chaos_passes_on_the_example_pipeline(
 ) -> None:
     monkeypatch.chdir(ROOT / "examples")
     result = run_chaos("wallets:app", events=1500, kills=3, seed=7, workdir=str(tmp_path))
-    assert result.ok, result.checks
+    assert result.ok, [c for c in result.checks if not c[1]]
     assert result.random_kills + len(result.step_kills) == 3 + 5
     assert len(result.step_kills) >= 3
-    names = [c[0] for c in result.checks]
-    assert "state equals the fold of the committed inputs" in names
-    assert "every input id once in 'results'" in names
+    # Every fault kind of the embedded store ran; pauses at most of the five steps.
+    assert result.faults == {
+        "kill": 8,
+        "pause": 5,
+        "twin": 1,
+        "producer-twin": 1,
+        "starve": 1,
+    }
+    assert len(result.pauses) >= 3, result.pauses
+    passed = {c[0] for c in result.checks if c[1]}
+    assert "state equals the fold of the committed inputs" in passed
+    assert "every input id once in 'results'" in passed
+    assert "no worker stopped by itself (every worker alive at the end)" in passed
+    assert "every zombie resumed after a takeover was fenced or rejoined" in passed
+    assert "of two processes of one worker slot, one stopped fenced and one ran on" in passed
+    assert "two Producers of one producer_id: the older fenced, and re-sent" in passed
 
 
 def test_chaos_command_reports_and_exits_zero(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(ROOT / "examples")
-    out = CliRunner().invoke(
-        chaos_command, ["wallets:app", "--events", "600", "--kills", "2", "--dir", str(tmp_path)]
-    )
+    args = ["wallets:app", "--events", "600", "--kills", "2", "--faults", "kill,twin"]
+    out = CliRunner().invoke(chaos_command, [*args, "--dir", str(tmp_path)])
     assert out.exit_code == 0, out.output
     assert "exactly-once holds" in out.output
+    assert "│ twin " in out.output and "│ pause " not in out.output
+
+
+def test_chaos_command_refuses_a_fault_the_store_cannot_have(tmp_path: Path) -> None:
+    runner = CliRunner()
+    out = runner.invoke(chaos_command, ["wallets:app", "--faults", "broker-outage"])
+    assert out.exit_code == 2
+    assert "broker-outage cannot run here" in out.output
+    out = runner.invoke(chaos_command, ["wallets:app", "--faults", "kill,hiccup"])
+    assert out.exit_code == 2
+    assert "unknown hiccup" in out.output
 
 
 def test_chaos_fails_a_pipeline_whose_effects_differ(
@@ -41,7 +66,12 @@ def test_chaos_fails_a_pipeline_whose_effects_differ(
 ) -> None:
     monkeypatch.chdir(ROOT)
     result = run_chaos(
-        "tests.pipelines:nondeterministic_app", events=300, kills=1, seed=1, workdir=str(tmp_path)
+        "tests.pipelines:nondeterministic_app",
+        events=300,
+        kills=1,
+        seed=1,
+        workdir=str(tmp_path),
+        faults=["kill"],
     )
     assert not result.ok
     failed = [name for name, ok, _ in result.checks if not ok]

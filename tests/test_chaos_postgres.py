@@ -41,6 +41,7 @@ def chaos_run(postgres_server: Any, tmp_path_factory: pytest.TempPathFactory) ->
             workdir=str(workdir),
             postgres=postgres_server.url,
             keep_postgres=True,
+            postgres_control=postgres_server,
         )
     dbs = ScratchDatabases(postgres_server.url, result.postgres_databases)
     try:
@@ -54,7 +55,11 @@ def test_chaos_with_kills_at_every_step_keeps_the_postgres_audit_green(chaos_run
     assert result.ok, [c for c in result.checks if not c[1]]
     assert {"sink_prepared", "after_commit", "in_transaction"} <= set(result.step_kills)
     assert result.random_kills >= 3
+    # Every embedded fault kind ran, and the server was restarted in the middle.
+    assert {"pause", "twin", "producer-twin", "starve", "pg-restart"} <= set(result.faults)
+    assert "sink_prepared" in result.pauses
     passed = {name for name, ok, _ in result.checks if ok}
+    assert "no worker stopped by itself (every worker alive at the end)" in passed
     for table in ("ledger", "seen"):
         assert (
             f"PostgreSQL table '{table}' equals the reference run's (none lost, none doubled)"
@@ -136,10 +141,8 @@ def test_the_command_drops_its_databases(
 ) -> None:
     monkeypatch.chdir(ROOT)
     before = _chaos_databases(postgres_server.url)
-    out = CliRunner().invoke(
-        chaos_command,
-        [TARGET, "--events", "300", "--kills", "0", "--postgres", postgres_server.url],
-    )
+    args = [TARGET, "--events", "300", "--kills", "0", "--faults", "kill"]
+    out = CliRunner().invoke(chaos_command, [*args, "--postgres", postgres_server.url])
     assert out.exit_code == 0, out.output
     assert "PostgreSQL table 'ledger'" in out.output
     assert _chaos_databases(postgres_server.url) == before

@@ -1,10 +1,12 @@
-"""`onceflow chaos`: kill a user's pipeline again and again, then audit its effects.
+"""`onceflow chaos`: fault a user's pipeline again and again, then audit its effects.
 
-The pipeline runs as a child process on a scratch store while a producer feeds it. The
-child is SIGKILLed at random moments and, once each, at every named step of the commit
-protocol (`ONCEFLOW_CRASH_AT`), and restarted. At the end it drains, and its committed
-outputs, state and dedup ids are compared with a reference run of the same App over the
-same events with no crash: every input id must have the same effects, once.
+The pipeline runs as child processes on a scratch store while a producer feeds it. A
+shuffled plan of faults runs against them (`_chaos_faults`: SIGKILLs at random and at
+every named step of the commit protocol, pauses at every step while a successor takes
+over, twin processes and producers, a starved CPU, broker and PostgreSQL outages). At the
+end it drains, and its committed outputs, state and dedup ids are compared with a
+reference run of the same App over the same events with no fault: every input id must
+have the same effects, once.
 
 A pipeline module may define `chaos_events(n, seed)` returning `onceflow.testing.Event`s
 (otherwise events are `{"id", "key", "amount"}` dicts on the App's first source), and
@@ -24,38 +26,43 @@ import inspect
 import os
 import random
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, cast
+from typing import Any, cast
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from . import _chaos_faults as faults
 from . import _chaos_postgres as chaos_pg
 from ._app import App
+from ._chaos_faults import (
+    BrokerControl,
+    PostgresControl,
+    ShellBroker,
+    ShellPausableBroker,
+    ShellPostgres,
+)
 from ._consumer import Consumer
 from ._crash import CRASH_POINTS
 from ._effects import EffectSink
 from ._errors import ConfigError
+from ._kafka import TXN_TIMEOUT_S
 from ._kafka_common import KafkaURL, is_kafka
 from ._loader import load_app, load_object
 from ._records import Record
 from ._sinks import FileSink, Sink
 from ._supervisor import Child
-from .testing import Event, Snapshot, diff, output_topics, reference, send, snapshot
+from .testing import Event, Snapshot, diff, output_topics, reference, snapshot
 from .testing import _committed as _committed_records
 
-# How long a child started with a crash point may take to reach it before it is killed
-# anyway: a point the pipeline never passes (no FileSink, say) must not stall the run.
-_STEP_WAIT_S = 8.0
-# How long the final, crash-free child may take to drain everything.
+# How long the final, fault-free child may take to drain everything.
 _DRAIN_TIMEOUT_S = 600.0
 
 
@@ -65,6 +72,10 @@ class ChaosResult:
     random_kills: int = 0
     broker_kills: int = 0
     step_kills: list[str] = field(default_factory=list)
+    # Protocol steps where a worker was paused while a successor took over.
+    pauses: list[str] = field(default_factory=list)
+    # How many entries of each fault kind ran (see `_chaos_faults.FAULTS`).
+    faults: dict[str, int] = field(default_factory=dict)
     checks: list[tuple[str, bool, str]] = field(default_factory=list)
     seconds: float = 0.0
     # The scratch PostgreSQL databases (crashing run, reference run), if any.
@@ -75,6 +86,23 @@ class ChaosResult:
     @property
     def ok(self) -> bool:
         return all(ok for _, ok, _ in self.checks)
+
+
+@dataclass
+class ChaosPlan:
+    """Which faults a run injects, and how often (see `_chaos_faults`)."""
+
+    kills: int = 5
+    broker: BrokerControl | None = None
+    broker_kills: int = 1
+    # None: every fault kind that applies to the store and the controls given.
+    faults: Sequence[str] | None = None
+    # How often each fault kind other than kills runs (pauses: at every step, each round).
+    rounds: int = 1
+    postgres_control: PostgresControl | None = None
+    # How long `broker-pause-commit` keeps the broker frozen: past the worker's client
+    # timeout for transactional calls, so that the commit's outcome becomes unknown.
+    broker_pause_s: float = TXN_TIMEOUT_S + 5.0
 
 
 def default_events(app: App, n: int, seed: int) -> list[Event]:
@@ -100,27 +128,6 @@ def default_events(app: App, n: int, seed: int) -> list[Event]:
     return out
 
 
-class BrokerControl(Protocol):
-    """What chaos needs of a Kafka broker it may crash: a hard kill and a restart."""
-
-    def kill(self) -> None: ...
-
-    def restart(self) -> None: ...
-
-
-class ShellBroker:
-    """A broker killed and started by shell commands (`--broker-kill`, `--broker-start`)."""
-
-    def __init__(self, kill_cmd: str, start_cmd: str) -> None:
-        self.kill_cmd, self.start_cmd = kill_cmd, start_cmd
-
-    def kill(self) -> None:
-        subprocess.run(self.kill_cmd, shell=True, check=True)
-
-    def restart(self) -> None:
-        subprocess.run(self.start_cmd, shell=True, check=True)
-
-
 def _stores(store: str | None, workdir: str) -> tuple[str, str]:
     """Scratch stores for the crashing run and the reference run, never the user's own."""
     if store is not None and is_kafka(store):
@@ -137,42 +144,6 @@ def _stores(store: str | None, workdir: str) -> tuple[str, str]:
             if os.path.exists(path + suffix):
                 os.remove(path + suffix)
     return paths
-
-
-class _Workers:
-    """The App's worker processes: one on the embedded store, one per slot on Kafka."""
-
-    def __init__(self, target: str, store: str, count: int, workdir: str) -> None:
-        self.target, self.store, self.count = target, store, count
-        self.env = {"ONCEFLOW_STATE_DIR": os.path.join(workdir, "state")}
-        self.children: dict[int, Child] = {}
-        self.restarts = 0
-
-    def start(self, slot: int, crash_at: str | None = None, until_idle: bool = False) -> Child:
-        child = Child(
-            self.target,
-            store=self.store,
-            crash_at=crash_at,
-            until_idle=until_idle,
-            env={**self.env, "ONCEFLOW_WORKER": str(slot)},
-        )
-        self.children[slot] = child
-        return child
-
-    def start_all(self) -> None:
-        for slot in range(self.count):
-            self.start(slot)
-
-    def revive(self) -> None:
-        """Restart every worker that died on its own (say, during a broker outage)."""
-        for slot, child in list(self.children.items()):
-            if not child.alive():
-                self.restarts += 1
-                self.start(slot)
-
-    def kill_all(self) -> None:
-        for child in self.children.values():
-            child.kill()
 
 
 class _Monitor(threading.Thread):
@@ -209,7 +180,7 @@ def run_chaos(
     target: str,
     *,
     events: int,
-    kills: int,
+    kills: int = 5,
     seed: int,
     workdir: str,
     store: str | None = None,
@@ -218,34 +189,42 @@ def run_chaos(
     broker_kills: int = 1,
     postgres: str | None = None,
     keep_postgres: bool = False,
+    faults: Sequence[str] | None = None,
+    rounds: int = 1,
+    postgres_control: PostgresControl | None = None,
+    broker_pause_s: float = TXN_TIMEOUT_S + 5.0,
     progress: Callable[[str], None] = lambda msg: None,
 ) -> ChaosResult:
-    """Kill `target` again and again on scratch stores, then audit it (see the module doc).
+    """Fault `target` again and again on scratch stores, then audit it (see the module doc).
 
     `postgres` is a server URL on which to create the scratch databases of an App's
-    PostgresSinks; they are dropped at the end unless `keep_postgres`.
+    PostgresSinks; they are dropped at the end unless `keep_postgres`. `faults` names the
+    fault kinds to inject (default: all that apply), `postgres_control` restarts that
+    server for `pg-restart`.
     """
     t0 = time.monotonic()
     app = load_app(target)
     module = target.partition(":")[0]
+    chaos_plan = ChaosPlan(
+        kills, broker, broker_kills, faults, rounds, postgres_control, broker_pause_s
+    )
     dbs = _scratch_postgres(app, module, postgres, progress)
     try:
-        return _run_chaos(
+        result = _run_chaos(
             target,
             app,
             module,
-            t0=t0,
             events=events,
-            kills=kills,
             seed=seed,
             workdir=workdir,
             store=store,
             workers=workers,
-            broker=broker,
-            broker_kills=broker_kills,
+            chaos_plan=chaos_plan,
             dbs=dbs,
             progress=progress,
         )
+        result.seconds = time.monotonic() - t0
+        return result
     finally:
         if dbs is not None and keep_postgres:
             progress(f"PostgreSQL databases kept: {', '.join(dbs.names)}")
@@ -287,15 +266,12 @@ def _run_chaos(
     app: App,
     module: str,
     *,
-    t0: float,
     events: int,
-    kills: int,
     seed: int,
     workdir: str,
     store: str | None,
     workers: int,
-    broker: BrokerControl | None,
-    broker_kills: int,
+    chaos_plan: ChaosPlan,
     dbs: chaos_pg.ScratchDatabases | None,
     progress: Callable[[str], None],
 ) -> ChaosResult:
@@ -312,94 +288,70 @@ def _run_chaos(
     if not on_kafka:
         # Two processes of one App on one SQLite store fence each other in turn.
         workers = 1
-    pool = _Workers(target, crashed_store, workers, workdir)
+    try:
+        kinds = faults.choose(
+            chaos_plan.faults, on_kafka, chaos_plan.broker, chaos_plan.postgres_control
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    log = faults.FaultLog()
+    pool = faults.Workers(target, crashed_store, workers, workdir, log)
     if dbs is not None:
         pool.env.update(dbs.child_env())
 
     points = _crash_points(app)
-    plan: list[str | None] = [*points, *([None] * kills)]
-    if broker is not None:
-        plan.extend(["broker"] * broker_kills)
-    rng.shuffle(plan)
-
-    # The producer runs beside the kills, as in production: sends land while the
-    # pipeline is dying and restarting. It sends one chunk as each incarnation starts,
-    # so that every incarnation has fresh input to die in the middle of.
+    entries = faults.plan(
+        kinds,
+        points,
+        kills=chaos_plan.kills,
+        broker_kills=chaos_plan.broker_kills,
+        rounds=chaos_plan.rounds,
+        rng=rng,
+    )
     # Both runs get the App's topics before the first send, so that input topics have
     # the App's partition count in both and state is partitioned alike.
     for s in (crashed_store, ref_store):
         _create_topics(target, s)
-    go = threading.Semaphore(0)
-    errors: list[BaseException] = []
-    chunk = max(1, -(-len(evs) // (len(plan) + 1)))
-
-    def produce() -> None:
-        try:
-            step = max(1, chunk // 10)
-            for i in range(0, len(evs), chunk):
-                go.acquire()
-                # Trickled, so that one incarnation polls several times.
-                for j in range(i, min(i + chunk, len(evs)), step):
-                    send(crashed_store, evs[j : min(j + step, i + chunk)])
-                    time.sleep(0.03)
-        except BaseException as exc:
-            errors.append(exc)
-
-    producer = threading.Thread(target=produce, name="chaos-producer", daemon=True)
-    producer.start()
+    # The producer runs beside the faults, as in production: sends land while the
+    # pipeline is dying and restarting. It sends one chunk as each entry starts, so that
+    # every incarnation has fresh input to die in the middle of.
+    # On Kafka a new incarnation takes a second or two to start: a chunk trickled over
+    # that long still has input for it, so that it reaches a step's second passage.
+    feeder = faults.Feeder(crashed_store, evs, len(entries) + 1, log, 0.3 if on_kafka else 0.03)
+    feeder.start()
     monitor: _Monitor | None = None
     if on_kafka:
         monitor = _Monitor(crashed_store, output_topics(app))
+    runner = faults.Faults(
+        pool,
+        app.name,
+        [s.options["topic"] for s in app._sources],
+        on_kafka,
+        rng,
+        log,
+        progress,
+        broker=chaos_plan.broker,
+        postgres=chaos_plan.postgres_control,
+        broker_pause_s=chaos_plan.broker_pause_s,
+    )
     pool.start_all()
     if monitor is not None:
         monitor.start()
-    for point in plan:
-        go.release()
+    for kind, point in entries:
         pool.revive()
-        slot = rng.randrange(workers)
-        if point is None:
-            time.sleep(rng.uniform(0.3, 1.5) if on_kafka else rng.uniform(0.2, 1.2))
-            pool.children[slot].kill()
-            pool.start(slot)
-            result.random_kills += 1
-            progress(f"random kill {result.random_kills} (worker {slot})")
-        elif point == "broker":
-            assert broker is not None
-            time.sleep(rng.uniform(0.5, 1.5))
-            broker.kill()
-            progress("broker killed (SIGKILL)")
-            time.sleep(1.0)
-            broker.restart()
-            result.broker_kills += 1
-            progress("broker restarted")
-        else:
-            pool.children[slot].kill()
-            child = pool.start(slot, crash_at=f"{point}:{rng.randint(1, 2)}")
-            try:
-                child.wait(_STEP_WAIT_S * (3 if on_kafka else 1))
-            except Exception:
-                # It never reached the point: kill it anyway, as a random kill.
-                child.kill()
-                result.random_kills += 1
-                progress(f"{point} not reached; killed at random")
-                pool.start(slot)
-                continue
-            if child.killed:
-                result.step_kills.append(point)
-                progress(f"killed at {point} (worker {slot})")
-            else:
-                _check_exit(child, result)
-            pool.start(slot)
-    for _ in range(len(plan) + 2):
-        go.release()
-    producer.join()
-    if errors:
-        result.checks.append(("producer sent every event", False, repr(errors[0])))
+        runner.run(kind, point, feeder)
+    while feeder.is_alive():
+        feeder.release()
+        feeder.join(0.1)
+    _record_faults(result, log, entries)
+    if feeder.error is not None:
+        result.checks.append(("producer sent every event", False, repr(feeder.error)))
         pool.kill_all()
         return result
     progress("draining")
     drained = _drain(pool, on_kafka)
     result.checks.append(("pipeline drained after the last restart", drained[0], drained[1]))
+    result.checks.extend(faults.audit(log, kinds, on_kafka))
     if monitor is not None:
         monitor.stop_at = time.monotonic() + 5.0
         monitor.join(30)
@@ -431,8 +383,15 @@ def _run_chaos(
     audit = _optional(module, "chaos_audit")
     if audit is not None:
         result.checks.extend(_call_audit(audit, crashed_store, dbs))
-    result.seconds = time.monotonic() - t0
     return result
+
+
+def _record_faults(result: ChaosResult, log: faults.FaultLog, entries: list[faults.Entry]) -> None:
+    result.faults = dict(log.counts)
+    result.step_kills = list(log.step_kills)
+    result.pauses = list(log.pauses)
+    result.random_kills = sum(1 for k, p in entries if k == "kill") - len(log.step_kills)
+    result.broker_kills = log.counts["broker-kill"]
 
 
 # Points where a sink of another system holds a prepared transaction whose fate only the
@@ -497,7 +456,7 @@ def _create_topics(target: str, store: str) -> None:
         session.close()
 
 
-def _drain(pool: _Workers, on_kafka: bool) -> tuple[bool, str]:
+def _drain(pool: faults.Workers, on_kafka: bool) -> tuple[bool, str]:
     """Stop the chaos and let the App finish: every worker runs until it is idle; on
     Kafka a last single worker then picks up anything a worker that left early wrote."""
     pool.kill_all()
@@ -615,12 +574,6 @@ def _audit_monitor(result: ChaosResult, monitor: _Monitor, expected: Snapshot) -
     )
 
 
-def _check_exit(child: Child, result: ChaosResult) -> None:
-    code = child.proc.returncode
-    if code not in (0, None):
-        result.checks.append(("pipeline ran without error", False, child.stderr()[-500:]))
-
-
 def _optional(module: str, name: str) -> Callable[..., Any] | None:
     try:
         obj = load_object(f"{module}:{name}")
@@ -639,10 +592,28 @@ def render(result: ChaosResult, console: Console) -> None:
     console.print(
         f"events sent: {result.events}   random kills: {result.random_kills}   "
         f"kills at protocol steps: {len(result.step_kills)} ({', '.join(result.step_kills)})   "
+        f"pauses at protocol steps: {len(result.pauses)}   "
         f"broker kills: {result.broker_kills}   time: {result.seconds:.1f}s"
     )
+    faults_table = Table(title="faults injected")
+    faults_table.add_column("fault")
+    faults_table.add_column("count", justify="right")
+    for kind in faults.FAULTS:
+        if kind in result.faults:
+            faults_table.add_row(kind, str(result.faults[kind]))
+    console.print(faults_table)
     console.print(table)
     console.print("[green]exactly-once holds[/]" if result.ok else "[red]AUDIT FAILED[/]")
+
+
+def _fault_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    kinds = [k.strip() for k in value.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in faults.FAULTS]
+    if unknown:
+        raise click.BadParameter(f"unknown {', '.join(unknown)}; use {', '.join(faults.FAULTS)}")
+    return kinds
 
 
 @click.command("chaos")
@@ -658,9 +629,28 @@ def render(result: ChaosResult, console: Console) -> None:
     help="kafka://HOST:PORT to run on Kafka (scratch namespaces); default: SQLite files.",
 )
 @click.option("--workers", default=2, show_default=True, help="Worker processes (Kafka).")
+@click.option(
+    "--faults",
+    "fault_kinds",
+    default=None,
+    callback=_fault_list,
+    help=f"Comma-separated fault kinds of {', '.join(faults.FAULTS)} "
+    "(default: every one that applies to the store and the controls given).",
+)
+@click.option(
+    "--rounds", default=1, show_default=True, help="Times each fault other than kills runs."
+)
 @click.option("--broker-kill", default=None, help="Shell command that SIGKILLs the broker.")
 @click.option("--broker-start", default=None, help="Shell command that starts it again.")
+@click.option("--broker-pause", default=None, help="Shell command that SIGSTOPs the broker.")
+@click.option("--broker-resume", default=None, help="Shell command that SIGCONTs it.")
 @click.option("--broker-kills", default=1, show_default=True, help="Broker kills (Kafka).")
+@click.option(
+    "--broker-pause-seconds",
+    default=TXN_TIMEOUT_S + 5.0,
+    show_default=True,
+    help="How long broker-pause-commit keeps the broker paused.",
+)
 @click.option(
     "--postgres",
     default=None,
@@ -668,6 +658,7 @@ def render(result: ChaosResult, console: Console) -> None:
     help="postgresql://USER@HOST:PORT/DB: a server on which to create (and, without "
     "--dir, drop) scratch databases for the App's PostgresSinks, and audit them.",
 )
+@click.option("--postgres-restart", default=None, help="Shell command that restarts that server.")
 def chaos_command(
     target: str,
     events: int,
@@ -676,21 +667,29 @@ def chaos_command(
     workdir: str | None,
     chaos_store: str | None,
     workers: int,
+    fault_kinds: list[str] | None,
+    rounds: int,
     broker_kill: str | None,
     broker_start: str | None,
+    broker_pause: str | None,
+    broker_resume: str | None,
     broker_kills: int,
+    broker_pause_seconds: float,
     postgres: str | None,
+    postgres_restart: str | None,
 ) -> None:
-    """Kill a pipeline repeatedly and audit its committed effects against a reference.
+    """Fault a pipeline repeatedly and audit its committed effects against a reference.
 
-    TARGET is MODULE:APP. On Kafka (--store kafka://...), several workers are killed
-    and, given --broker-kill and --broker-start, the broker too. An App with a
-    PostgresSink needs --postgres; its tables are then audited too. Exits 0 only when
-    every check holds.
+    TARGET is MODULE:APP. Workers are SIGKILLed, paused while a successor takes over,
+    started twice on one slot, starved of CPU; two producers share one id. On Kafka
+    (--store kafka://...), several workers run and, given --broker-kill and
+    --broker-start, the broker is killed and taken down past the group session (and
+    with --broker-pause/--broker-resume, paused inside a commit). An App with a
+    PostgresSink needs --postgres; its tables are then audited too, and with
+    --postgres-restart the server is restarted during the run. Exits 0 only when every
+    check holds.
     """
-    if (broker_kill is None) != (broker_start is None):
-        raise click.UsageError("--broker-kill and --broker-start go together")
-    broker = ShellBroker(broker_kill, broker_start) if broker_kill and broker_start else None
+    broker = _shell_broker(broker_kill, broker_start, broker_pause, broker_resume)
     console = Console()
     tmp = workdir or tempfile.mkdtemp(prefix="onceflow-chaos-")
     try:
@@ -706,6 +705,10 @@ def chaos_command(
             broker_kills=broker_kills,
             postgres=postgres,
             keep_postgres=workdir is not None,
+            faults=fault_kinds,
+            rounds=rounds,
+            postgres_control=ShellPostgres(postgres_restart) if postgres_restart else None,
+            broker_pause_s=broker_pause_seconds,
             progress=lambda msg: console.log(msg),
         )
     finally:
@@ -713,3 +716,19 @@ def chaos_command(
             shutil.rmtree(tmp, ignore_errors=True)
     render(result, console)
     raise SystemExit(0 if result.ok else 1)
+
+
+def _shell_broker(
+    kill: str | None, start: str | None, pause: str | None, resume: str | None
+) -> BrokerControl | None:
+    if (kill is None) != (start is None):
+        raise click.UsageError("--broker-kill and --broker-start go together")
+    if (pause is None) != (resume is None):
+        raise click.UsageError("--broker-pause and --broker-resume go together")
+    if kill is None or start is None:
+        if pause is not None:
+            raise click.UsageError("--broker-pause needs --broker-kill and --broker-start")
+        return None
+    if pause is not None and resume is not None:
+        return ShellPausableBroker(kill, start, pause, resume)
+    return ShellBroker(kill, start)

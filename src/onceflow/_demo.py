@@ -63,7 +63,7 @@ from ._supervisor import Child
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from ._chaos import BrokerControl
+    from ._chaos_faults import BrokerControl
 
 APP_NAME = "payments"
 TRANSFERS = "transfers"
@@ -1463,7 +1463,7 @@ def demo_command(
     """
     from rich.console import Console
 
-    from ._chaos import ShellBroker
+    from ._chaos_faults import ShellBroker
 
     if (broker_kill is None) != (broker_start is None):
         raise click.UsageError("--broker-kill and --broker-start go together")

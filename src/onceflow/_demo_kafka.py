@@ -30,7 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._chaos import BrokerControl, _Monitor, _Workers
+from ._chaos import _Monitor
+from ._chaos_faults import BrokerControl
+from ._chaos_faults import Workers as _Workers
 from ._demo import (
     APP_NAME,
     CHILD_TARGET,

@@ -261,6 +261,16 @@ class Cluster:
             self.url.strip(g.group_id): g.state.name for g in result.valid if self._mine(g.group_id)
         }
 
+    def members(self, group: str) -> int | None:
+        """How many members the group has once it is stable (None while it rebalances)."""
+        full = self.url.topic(group)
+        futures = self.call(
+            f"describing group '{full}'",
+            lambda: self.admin.describe_consumer_groups([full], request_timeout=_TIMEOUT_S),
+        )
+        desc = self.call(f"describing group '{full}'", futures[full].result)
+        return len(desc.members) if desc.state.name == "STABLE" else None
+
     def consumer(self, *, committed_only: bool = True) -> Any:
         """A consumer for `assign()` only: never subscribes, never commits."""
         return self.ck.Consumer(

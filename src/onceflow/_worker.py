@@ -1,7 +1,9 @@
 """`python -m onceflow._worker MODULE:APP [--store S] [--until-idle]`: a chaos child.
 
 `--store` replaces the App's own store, so chaos runs a user's pipeline on a scratch
-store and never on the one it uses in production.
+store and never on the one it uses in production. Exits 0 when stopped or idle,
+`FENCED_EXIT` when another process took over (a `FencedError`: the store's lease, the
+Kafka slot, or a sink's own fence), 1 on any other onceflow error.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import signal
 import sys
 from typing import Any
 
-from ._errors import OnceflowError
+from ._errors import FencedError, OnceflowError
 from ._loader import load_app
+
+# Chaos tells a zombie or a twin that was fenced, as it must be, from one that failed.
+FENCED_EXIT = 3
 
 
 def main(argv: list[str]) -> int:
@@ -38,6 +43,9 @@ def main(argv: list[str]) -> int:
         if current["stopped"]:
             return 0  # stopped before it started: nothing to commit
         app.run(until_idle="--until-idle" in argv[1:])
+    except FencedError as exc:
+        print(f"onceflow: {exc}", file=sys.stderr)
+        return FENCED_EXIT
     except OnceflowError as exc:
         print(f"onceflow: {exc}", file=sys.stderr)
         return 1
