@@ -155,6 +155,7 @@ class LocalStore:
 
     def __init__(self, path: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.path = path
         self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
@@ -179,6 +180,11 @@ class LocalStore:
         ):
             self.conn.execute(stmt)
         self.synced = (self._meta("synced_ms") or 0) / 1000.0
+        # The changelog offset this process last found or left the copy at. Two
+        # processes of one worker slot (a paused one that resumed, and its successor)
+        # share the copy's file: every write is a compare-and-set on it, so that a late
+        # write of the one that lost the slot never rolls back what the other applied.
+        self.known = self.next_offset
 
     def _meta(self, k: str) -> int | None:
         row = self.conn.execute("SELECT v FROM meta WHERE k=?", (k,)).fetchone()
@@ -191,12 +197,30 @@ class LocalStore:
     def close(self) -> None:
         self.conn.close()
 
+    def claim(self) -> int:
+        """Take the copy as it is now (a restore starts here); its changelog offset."""
+        self.known = self.next_offset
+        return self.known
+
+    def _begin(self) -> None:
+        """Open a write that holds only if the copy is where this process left it."""
+        self.conn.execute("BEGIN IMMEDIATE")
+        now = self.next_offset
+        if now != self.known:
+            self.conn.execute("ROLLBACK")
+            raise StoreError(
+                f"the local state copy {self.path} was moved to changelog offset {now} by "
+                f"another process of this worker slot (this one had it at {self.known}); "
+                "this process takes its partitions over again from the changelog"
+            )
+
     def wipe(self) -> None:
-        self.conn.execute("BEGIN")
+        self._begin()
         for table in ("state", "dedup", "effects"):
             self.conn.execute(f"DELETE FROM {table}")
         self.conn.execute("DELETE FROM meta WHERE k<>'format'")
         self.conn.execute("COMMIT")
+        self.known = 0
         self.synced = 0.0
 
     def load(self, table: str, step: str, keys: list[str]) -> dict[str, Any]:
@@ -239,7 +263,7 @@ class LocalStore:
                 dedup[(step, k)] = value
             elif kind == _EFFECT and value is not None:
                 effects[(step, k.decode("utf-8", "surrogateescape"))] = value
-        self.conn.execute("BEGIN")
+        self._begin()
         self.conn.executemany(
             "INSERT OR REPLACE INTO state(step, key, value) VALUES(?,?,?)",
             [(step, k, v) for (step, k), v in state.items() if v is not None],
@@ -267,8 +291,8 @@ class LocalStore:
 
     def touch(self) -> None:
         """Nothing new in the changelog: the store is still current, as of now."""
-        self.conn.execute("BEGIN")
-        self._mark(self.next_offset)
+        self._begin()
+        self._mark(self.known)
         self.conn.execute("COMMIT")
 
     def _mark(self, next_offset: int) -> None:
@@ -277,6 +301,7 @@ class LocalStore:
             "INSERT OR REPLACE INTO meta(k, v) VALUES(?, ?)",
             [("changelog_next", next_offset), ("synced_ms", int(now * 1000))],
         )
+        self.known = next_offset
         self.synced = now
 
     def pending_effects(self, sink: str) -> list[tuple[str, int, int, bytes]]:
@@ -435,6 +460,8 @@ class KafkaSession:
         self._consumer_dead: str | None = None
         # rewind() could not read the committed offsets: poll does it first.
         self._rewind_pending = False
+        # The producer was fenced: poll takes the partitions over again first.
+        self._retake = False
         self.local: dict[tuple[str, int], LocalStore] = {}
         self.assigned: list[tuple[str, int]] = []
         self._partitions: dict[str, int] = {}
@@ -821,6 +848,11 @@ class KafkaSession:
         if replaced:
             return self._fenced_error(err.str())
         self._fence_unresolved = replaced is None
+        # Whoever fenced it (the broker, or another process of the slot that has not
+        # joined the group yet) may have committed on these partitions meanwhile, and
+        # the local copies (shared by the slot's processes) may lag those commits: the
+        # partitions are taken over again from scratch before anything else is read.
+        self._retake = True
         return StoreError(
             f"worker {self.worker}'s producer was fenced ({err.str()}) by the broker, not by "
             "another process (a transaction that outlived its timeout in an outage or a "
@@ -1031,7 +1063,7 @@ class KafkaSession:
         """Where the restore of `tp` starts, its changelog being [low, high) now."""
         topic, part = tp
         store = self.local[tp]
-        start = store.next_offset
+        start = store.claim()
         stale = None
         if start == 0:
             start = low  # a new copy
@@ -1214,6 +1246,16 @@ class KafkaSession:
         self._outage.check()
         if self._consumer_dead is not None and not self._consumer_failed():
             time.sleep(0.05)
+            return []
+        if self._retake:
+            # A new group member: the partitions come back through `_on_assign`, from
+            # stable offsets and the changelogs' end, as at any takeover.
+            self._retake = False
+            log.warning(
+                "worker %d takes its partitions over again after its producer was fenced",
+                self.worker,
+            )
+            self._new_consumer()
             return []
         if self._rewind_pending:
             self.rewind()
@@ -1603,7 +1645,7 @@ class KafkaSession:
                 continue
             last = self._produced.get((topic, part))
             # Transaction markers take an offset after the last record.
-            nxt = store.next_offset if last is None else last + 1
+            nxt = store.known if last is None else last + 1
             store.apply(records, nxt)
         # A commit with offsets, which the group accepts only from a member of the
         # current generation, shows that no one else wrote to the held partitions'
