@@ -591,7 +591,7 @@ class Faults:
             self.pool.children[slot] = zombie
             self.log.zombies["rejoined"] += 1
             return
-        self._await_fence(zombie, self.log.zombies)
+        self._await_fence(zombie, self.log.zombies, slot)
 
     def _take_over(self, slot: int, rebalance: bool) -> bool:
         """A successor for the paused worker of `slot`; whether it committed meanwhile."""
@@ -717,14 +717,30 @@ class Faults:
         last = child.stderr().strip().splitlines()[-1:] or ["nothing"]
         self.progress(f"{point} not reached (it said: {last[0][:200]}); killed at random")
 
-    def _await_fence(self, zombie: Child, outcomes: Counter[str]) -> None:
+    def _await_fence(self, zombie: Child, outcomes: Counter[str], slot: int | None = None) -> None:
         """A resumed zombie must stop, fenced, at its next write; one with nothing to write
-        before the bound is killed (it would be fenced at its first)."""
-        if wait_for(lambda: not zombie.alive(), self._bound(_EXIT_S), 0.05):
-            self._count_exit(zombie, outcomes)
-        else:
+        before the bound is killed (it would be fenced at its first). On Kafka a zombie
+        whose producer was fenced takes its partitions over again from the changelog, and
+        if it joins the group first its successor of `slot` is the one fenced: one of
+        the two stops, fenced, and the other runs on."""
+        successor = self.pool.children.get(slot) if slot is not None else None
+        if successor is zombie:
+            successor = None
+
+        def settled() -> bool:
+            return not zombie.alive() or (successor is not None and not successor.alive())
+
+        if not wait_for(settled, self._bound(_EXIT_S), 0.05):
             zombie.kill()
             outcomes["idle"] += 1
+        elif not zombie.alive() or successor is None:
+            self._count_exit(zombie, outcomes)
+        elif _fenced(successor):
+            assert slot is not None
+            self.pool.children[slot] = zombie
+            outcomes["took the slot back"] += 1
+        else:
+            self._count_exit(successor, outcomes)
 
     def _count_exit(self, child: Child, outcomes: Counter[str]) -> None:
         if _fenced(child):
