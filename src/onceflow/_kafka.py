@@ -435,6 +435,9 @@ class KafkaSession:
         self._consumer_dead: str | None = None
         # rewind() could not read the committed offsets: poll does it first.
         self._rewind_pending = False
+        # Partitions the group gave this worker whose takeover (`_on_assign`) failed:
+        # nothing of them is read until poll has taken them over.
+        self._untaken: list[Any] = []
         self.local: dict[tuple[str, int], LocalStore] = {}
         self.assigned: list[tuple[str, int]] = []
         self._partitions: dict[str, int] = {}
@@ -658,6 +661,7 @@ class KafkaSession:
         )
         self.consumer = consumer
         self._consumer_dead = None
+        self._untaken = []
 
     def _new_producer(self, *, first: bool = False) -> None:
         """(Re)create the transactional producer; init_transactions fences every older
@@ -896,6 +900,27 @@ class KafkaSession:
         with older state."""
         if self._closing or not partitions:
             return
+        self._take_over(consumer, partitions)
+
+    def _take_over(self, consumer: Any, partitions: list[Any]) -> None:
+        """`_on_assign`'s steps; if one fails, the partitions are not read at all.
+
+        confluent-kafka assigns the partitions itself, from the group's offsets, when
+        the callback raises before it called assign: the worker then read them on local
+        stores that were never restored (counts from zero, re-sent ids taken as new).
+        Instead nothing is assigned, the error goes to the App (an outage is waited
+        out), and the next poll tries the takeover again."""
+        self._untaken = []
+        try:
+            self._take_over_steps(consumer, partitions)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                consumer.assign([])
+            self._untaken = list(partitions)
+            self._drop(partitions)
+            raise
+
+    def _take_over_steps(self, consumer: Any, partitions: list[Any]) -> None:
         t0 = time.monotonic()
         keys = [(self.url.strip(tp.topic), tp.partition) for tp in partitions]
         for key in keys:
@@ -958,12 +983,14 @@ class KafkaSession:
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         if consumer is not self.consumer:
             return  # a dead consumer closing: `_new_consumer` dropped its partitions
+        self._untaken = []
         self.before_revoke()
         self._drop(partitions)
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         if consumer is not self.consumer:
             return
+        self._untaken = []
         self.partitions_lost()
         self._drop(partitions)
 
@@ -1215,6 +1242,8 @@ class KafkaSession:
         if self._consumer_dead is not None and not self._consumer_failed():
             time.sleep(0.05)
             return []
+        if self._untaken:
+            self._take_over(self.consumer, self._untaken)
         if self._rewind_pending:
             self.rewind()
             if self._rewind_pending:
