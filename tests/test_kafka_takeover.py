@@ -60,7 +60,9 @@ def test_a_partition_whose_takeover_failed_is_not_processed_on_unrestored_state(
         # The failed takeover reaches the App's log as the outage it waits out; only
         # then is the disk "repaired".
         def emit(self, record: logging.LogRecord) -> None:
-            if "cannot go on" in record.getMessage() and not unblocked.is_set():
+            msg = record.getMessage()
+            failed = "cannot go on" in msg and "unable to open database file" in msg
+            if failed and not unblocked.is_set():
                 shutil.rmtree(blocked)
                 unblocked.set()
 
