@@ -78,3 +78,21 @@ def test_a_partition_whose_takeover_failed_is_not_processed_on_unrestored_state(
     expected = reference(ref, first + second, store=str(tmp_path / "ref.db"))
     actual = snapshot(_app(store, fresh), store)
     assert diff(actual, expected) == []
+
+
+def test_changelog_ends_are_read_after_a_broker_restart(own_broker: Any) -> None:
+    """A worker's admin client keeps the partition leaders' epochs it saw before a broker
+    restart; the restarted broker refuses ListOffsets with them (FENCED_LEADER_EPOCH),
+    and librdkafka does not refresh them by itself. Every takeover after a restart
+    (a rebalance, a new consumer) must still read the changelogs' ends."""
+    store = f"kafka://{own_broker.bootstrap}"
+    app = _app(store, Path(own_broker.workdir) / "state")
+    session = app._open_session()
+    try:
+        session.ensure_topics(app._topics())
+        assert session._changelog_ends([("events", 0)]) == {("events", 0): (0, 0)}
+        own_broker.kill()
+        own_broker.start()
+        assert session._changelog_ends([("events", 0)]) == {("events", 0): (0, 0)}
+    finally:
+        session.close()
