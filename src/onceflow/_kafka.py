@@ -1109,11 +1109,27 @@ class KafkaSession:
                 waiting.over("restoring state: the changelogs' ends are known")
                 return {tp: (low[tp], high[tp]) for tp in parts}
             except self.ck.KafkaException as exc:
-                if not transient(self.ck, exc.args[0]):
+                err = exc.args[0]
+                stale = err.code() in self._stale_leader_codes()
+                if not (stale or transient(self.ck, err)):
                     raise StoreError(
                         f"restoring state: reading the changelogs' ends: {exc}"
                     ) from exc
-                waiting(f"restoring state: cannot read the changelogs' ends ({exc.args[0]})")
+                if stale:
+                    # The admin client asks with the leader epochs it cached before a
+                    # broker restart or a leader change, which the broker refuses; for
+                    # this request librdkafka does not refresh them by itself (measured:
+                    # still refused 40 s after a restart), a metadata request does.
+                    for name in names:
+                        with contextlib.suppress(self.ck.KafkaException):
+                            self.admin.list_topics(topic=name, timeout=_STABLE_WAIT_S)
+                waiting(f"restoring state: cannot read the changelogs' ends ({err})")
+
+    def _stale_leader_codes(self) -> tuple[int, ...]:
+        """ListOffsets errors that mean the client's partition leaders are out of date
+        (or none known while the broker is away), not that the request is wrong."""
+        e = self.ck.KafkaError
+        return (e.FENCED_LEADER_EPOCH, e.UNKNOWN_LEADER_EPOCH, e._NOENT)
 
     def _read_changelogs(self, c: Any, todo: dict[TP, tuple[int, int]], errors: list[Any]) -> int:
         """Apply the changelog records of every partition in `todo` from its start until
