@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import msgspec
@@ -476,7 +476,28 @@ class KafkaSession:
 
     # -- start ----------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _starting(self, what: str) -> Iterator[None]:
+        """A start step that needs the broker. The App waits only for UnavailableError
+        before a session ran (any other failure to start is a configuration's), so a
+        client error while no broker answers becomes one: a worker started during an
+        outage waits for the broker instead of exiting."""
+        try:
+            yield
+        except (self.ck.KafkaException, StoreError) as exc:
+            if isinstance(exc, FencedError) or self._reachable():
+                raise
+            self._outage.down(f"{what}: {exc}")
+            raise UnavailableError(
+                f"worker {self.worker} cannot {what} on Kafka at {self.url.bootstrap} "
+                f"({exc}); it retries once the broker answers"
+            ) from exc
+
     def ensure_topics(self, topics: dict[str, int]) -> None:
+        with self._starting("create its topics"):
+            self._ensure_topics(topics)
+
+    def _ensure_topics(self, topics: dict[str, int]) -> None:
         """Create missing topics: inputs, outputs, dead letters, then the changelogs with
         as many partitions as their input has (which may predate the App)."""
         self._create({name: (parts, {}) for name, parts in topics.items()})
@@ -559,6 +580,10 @@ class KafkaSession:
         return n
 
     def check_topology(self, sig: list[list[str]], reset_hint: str, config: dict[str, Any]) -> None:
+        with self._starting("read its topology"):
+            self._check_topology(sig, config)
+
+    def _check_topology(self, sig: list[list[str]], config: dict[str, Any]) -> None:
         """The last topology written to the app's meta topic must match this one."""
         meta = self.url.topic(self._meta_topic())
         c = self.ck.Consumer(
