@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import msgspec
@@ -462,6 +462,9 @@ class KafkaSession:
         self._rewind_pending = False
         # The producer was fenced: poll takes the partitions over again first.
         self._retake = False
+        # Partitions the group gave this worker whose takeover (`_on_assign`) failed:
+        # nothing of them is read until poll has taken them over.
+        self._untaken: list[Any] = []
         self.local: dict[tuple[str, int], LocalStore] = {}
         self.assigned: list[tuple[str, int]] = []
         self._partitions: dict[str, int] = {}
@@ -500,7 +503,28 @@ class KafkaSession:
 
     # -- start ----------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _starting(self, what: str) -> Iterator[None]:
+        """A start step that needs the broker. The App waits only for UnavailableError
+        before a session ran (any other failure to start is a configuration's), so a
+        client error while no broker answers becomes one: a worker started during an
+        outage waits for the broker instead of exiting."""
+        try:
+            yield
+        except (self.ck.KafkaException, StoreError) as exc:
+            if isinstance(exc, FencedError) or self._reachable():
+                raise
+            self._outage.down(f"{what}: {exc}")
+            raise UnavailableError(
+                f"worker {self.worker} cannot {what} on Kafka at {self.url.bootstrap} "
+                f"({exc}); it retries once the broker answers"
+            ) from exc
+
     def ensure_topics(self, topics: dict[str, int]) -> None:
+        with self._starting("create its topics"):
+            self._ensure_topics(topics)
+
+    def _ensure_topics(self, topics: dict[str, int]) -> None:
         """Create missing topics: inputs, outputs, dead letters, then the changelogs with
         as many partitions as their input has (which may predate the App)."""
         self._create({name: (parts, {}) for name, parts in topics.items()})
@@ -583,6 +607,10 @@ class KafkaSession:
         return n
 
     def check_topology(self, sig: list[list[str]], reset_hint: str, config: dict[str, Any]) -> None:
+        with self._starting("read its topology"):
+            self._check_topology(sig, config)
+
+    def _check_topology(self, sig: list[list[str]], config: dict[str, Any]) -> None:
         """The last topology written to the app's meta topic must match this one."""
         meta = self.url.topic(self._meta_topic())
         c = self.ck.Consumer(
@@ -685,6 +713,7 @@ class KafkaSession:
         )
         self.consumer = consumer
         self._consumer_dead = None
+        self._untaken = []
 
     def _new_producer(self, *, first: bool = False) -> None:
         """(Re)create the transactional producer; init_transactions fences every older
@@ -928,6 +957,27 @@ class KafkaSession:
         with older state."""
         if self._closing or not partitions:
             return
+        self._take_over(consumer, partitions)
+
+    def _take_over(self, consumer: Any, partitions: list[Any]) -> None:
+        """`_on_assign`'s steps; if one fails, the partitions are not read at all.
+
+        confluent-kafka assigns the partitions itself, from the group's offsets, when
+        the callback raises before it called assign: the worker then read them on local
+        stores that were never restored (counts from zero, re-sent ids taken as new).
+        Instead nothing is assigned, the error goes to the App (an outage is waited
+        out), and the next poll tries the takeover again."""
+        self._untaken = []
+        try:
+            self._take_over_steps(consumer, partitions)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                consumer.assign([])
+            self._untaken = list(partitions)
+            self._drop(partitions)
+            raise
+
+    def _take_over_steps(self, consumer: Any, partitions: list[Any]) -> None:
         t0 = time.monotonic()
         keys = [(self.url.strip(tp.topic), tp.partition) for tp in partitions]
         for key in keys:
@@ -990,12 +1040,14 @@ class KafkaSession:
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         if consumer is not self.consumer:
             return  # a dead consumer closing: `_new_consumer` dropped its partitions
+        self._untaken = []
         self.before_revoke()
         self._drop(partitions)
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         if consumer is not self.consumer:
             return
+        self._untaken = []
         self.partitions_lost()
         self._drop(partitions)
 
@@ -1114,11 +1166,27 @@ class KafkaSession:
                 waiting.over("restoring state: the changelogs' ends are known")
                 return {tp: (low[tp], high[tp]) for tp in parts}
             except self.ck.KafkaException as exc:
-                if not transient(self.ck, exc.args[0]):
+                err = exc.args[0]
+                stale = err.code() in self._stale_leader_codes()
+                if not (stale or transient(self.ck, err)):
                     raise StoreError(
                         f"restoring state: reading the changelogs' ends: {exc}"
                     ) from exc
-                waiting(f"restoring state: cannot read the changelogs' ends ({exc.args[0]})")
+                if stale:
+                    # The admin client asks with the leader epochs it cached before a
+                    # broker restart or a leader change, which the broker refuses; for
+                    # this request librdkafka does not refresh them by itself (measured:
+                    # still refused 40 s after a restart), a metadata request does.
+                    for name in names:
+                        with contextlib.suppress(self.ck.KafkaException):
+                            self.admin.list_topics(topic=name, timeout=_STABLE_WAIT_S)
+                waiting(f"restoring state: cannot read the changelogs' ends ({err})")
+
+    def _stale_leader_codes(self) -> tuple[int, ...]:
+        """ListOffsets errors that mean the client's partition leaders are out of date
+        (or none known while the broker is away), not that the request is wrong."""
+        e = self.ck.KafkaError
+        return (e.FENCED_LEADER_EPOCH, e.UNKNOWN_LEADER_EPOCH, e._NOENT)
 
     def _read_changelogs(self, c: Any, todo: dict[TP, tuple[int, int]], errors: list[Any]) -> int:
         """Apply the changelog records of every partition in `todo` from its start until
@@ -1257,6 +1325,8 @@ class KafkaSession:
             )
             self._new_consumer()
             return []
+        if self._untaken:
+            self._take_over(self.consumer, self._untaken)
         if self._rewind_pending:
             self.rewind()
             if self._rewind_pending:
