@@ -461,6 +461,10 @@ class KafkaSession:
         self.listener: RebalanceListener = _NO_LISTENER
         # Per partition, the offset an external sink recorded as done: never read below.
         self.floors: dict[TP, int] = {}
+        # The highest offset per partition this session saw committed (read, or written
+        # by a transaction that committed), and those the open transaction sends.
+        self._known: dict[TP, int] = {}
+        self._sending: dict[TP, int] = {}
         self.fenced = False
         self._sent_offsets = False
         self._closing = False
@@ -1179,7 +1183,8 @@ class KafkaSession:
     def committed_positions(self) -> dict[tuple[str, int], int]:
         if not self.assigned or self.consumer is None:
             return {}
-        return {tp: max(off, 0) for tp, off in self.committed_of(self.assigned).items()}
+        committed = self.committed_of(self.assigned)
+        return {tp: max(off, self.floors.get(tp, 0)) for tp, off in committed.items()}
 
     def committed_of(self, parts: Iterable[TP]) -> dict[TP, int]:
         """The group's committed offsets of any partitions, negative where none. With
@@ -1196,7 +1201,14 @@ class KafkaSession:
                 raise StoreError(
                     f"cannot read the committed offset of {tp.topic}[{tp.partition}]: {tp.error}"
                 )
-        return {(self.url.strip(tp.topic), tp.partition): tp.offset for tp in got}
+        out = {(self.url.strip(tp.topic), tp.partition): tp.offset for tp in got}
+        self._saw_committed(out)
+        return out
+
+    def _saw_committed(self, offsets: dict[TP, int]) -> None:
+        for tp, off in offsets.items():
+            if off > self._known.get(tp, -1):
+                self._known[tp] = off
 
     def rewind(self) -> dict[tuple[str, int], int]:
         """Back to the last commit: seek every held partition to its committed offset,
@@ -1339,6 +1351,7 @@ class KafkaSession:
         self._pending = {}
         self._produced = {}
         self._sent_offsets = False
+        self._sending = {}
         self._ensure_producer(wait=TXN_TIMEOUT_S)
         self._txn_call(lambda p: p.begin_transaction(), "begin_transaction", local=True)
         self._in_txn = True
@@ -1498,7 +1511,15 @@ class KafkaSession:
         """The offsets join the transaction with the group generation: a worker whose
         partitions moved on (a rebalance, or a session that ran out in an outage) is
         refused here (ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID, FENCED_INSTANCE_ID), its
-        epoch dropped; it rejoins and goes on."""
+        epoch dropped; it rejoins and goes on. The group takes offsets that move back;
+        this session refuses them below any it saw committed, as the embedded store does
+        (the checkpoint checks that first: this is the seam's own promise)."""
+        for tp, off in positions.items():
+            if off < self._known.get(tp, -1):
+                raise StoreError(
+                    f"worker {self.worker} would move {tp[0]}[{tp[1]}] back from "
+                    f"{self._known[tp]} to {off}; refusing"
+                )
         tps = [
             self.ck.TopicPartition(self.url.topic(t), p, off) for (t, p), off in positions.items()
         ]
@@ -1508,6 +1529,7 @@ class KafkaSession:
             "send_offsets_to_transaction",
         )
         self._sent_offsets = True
+        self._sending = dict(positions)
 
     def commit_offsets(self, positions: dict[tuple[str, int], int]) -> None:
         """At-least-once: offsets through the group, after the outputs' transaction."""
@@ -1522,6 +1544,8 @@ class KafkaSession:
     def commit(self, txn: Any) -> None:
         self._txn_call(lambda p: p.commit_transaction(TXN_TIMEOUT_S), "commit_transaction")
         self._in_txn = False
+        self._saw_committed(self._sending)
+        self._sending = {}
 
     def rollback(self, txn: Any) -> None:
         """Abort the open transaction. After a failed transactional call the producer is
