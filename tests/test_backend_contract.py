@@ -109,15 +109,20 @@ def test_the_listener_hears_of_every_partition_and_its_floors_are_kept(
     listener = Recorder(floors={(IN, 1): 7})
     try:
         holding(session, listener)
-        assert sorted(listener.parts) == [(IN, 0), (IN, 1)]
-        assert listener.calls == ["assigned"]
+        assert set(listener.parts) == {(IN, 0), (IN, 1)}
+        assert listener.calls[0] == "assigned"
+        if not open_backend(store).several_workers:
+            # One process holds every partition: told once, at start.
+            assert listener.calls == ["assigned"] and len(listener.parts) == 2
         # Where a sink recorded it is done is where the partition resumes, not below.
+        assert session.committed_positions() == {(IN, 0): 0, (IN, 1): 7}
         assert session.rewind() == {(IN, 0): 0, (IN, 1): 7}
         commit(session, {(IN, 0): 2})
         assert session.rewind() == {(IN, 0): 2, (IN, 1): 7}
+        heard = list(listener.calls)
     finally:
         session.close()
-    assert listener.calls == ["assigned"]  # closing is not a rebalance the App hears of
+    assert listener.calls == heard  # closing is not a rebalance the App hears of
 
 
 def test_a_transaction_commits_all_of_it_or_nothing(
