@@ -12,8 +12,7 @@ from typing import Any
 import pytest
 
 from onceflow import App
-
-BACKENDS = ["embedded", "kafka"]
+from onceflow._backend import BACKENDS
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +79,7 @@ def postgres_url(postgres_server: Any, monkeypatch: pytest.MonkeyPatch) -> Itera
     postgres_server.drop_database(name)
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=list(BACKENDS))
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 

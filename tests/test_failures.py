@@ -158,7 +158,7 @@ class Outside(Sink):
     def abort(self) -> None:
         self.prepared = []
 
-    def after_commit(self, conn: Any, rows: Sequence[Row]) -> None:
+    def after_commit(self, rows: Sequence[Row]) -> None:
         self.rows += self.prepared
         self.prepared = []
 

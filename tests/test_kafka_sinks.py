@@ -15,8 +15,9 @@ import psycopg
 import pytest
 
 from onceflow import App, ConfigError, FencedError, PostgresSink, Producer, SQLiteTableSink
-from onceflow._kafka import KafkaSession
+from onceflow._kafka import _NO_LISTENER, KafkaSession
 from onceflow._kafka_common import KafkaURL
+from onceflow._sinks import SinkContext
 from onceflow._supervisor import Child, wait_until
 
 from .helpers import read_all, run_until_idle
@@ -137,7 +138,8 @@ def _session(store: str, tmp_path: Path, worker: int) -> KafkaSession:
         topic_partitions=1,
     )
     s.ensure_topics({"in": 1})
-    s.acquire(["in"])
+    # No App: the test plays the rebalances itself, by calling the sinks.
+    s.acquire(["in"], _NO_LISTENER)
     return s
 
 
@@ -154,13 +156,13 @@ def test_a_zombie_that_lost_its_partition_is_fenced_in_postgres(
             s.poll({}, 10)
     try:
         old, new = (PostgresSink(table="seen", key=["k"], columns=["k", "n"]) for _ in (0, 1))
-        old.open_on_kafka("fz", sessions[0])
-        new.open_on_kafka("fz", sessions[1])
+        for sink, session in ((old, sessions[0]), (new, sessions[1])):
+            sink.open(SinkContext("fz", "kafka", session, lambda point: None, None, "fz.dlq"))
         tp = ("in", 0)
         old.partitions_assigned([tp])
         rows = [("k", {"k": "k", "n": 1}, ("in", 0, 0, 0))]
         old.prepare(rows, {tp: 1}, 0)
-        old.after_commit(None, rows)  # type: ignore[arg-type]
+        old.after_commit(rows)
         # The old owner prepares its next epoch, then pauses; the partition moves on.
         old.prepare([("k", {"k": "k", "n": 2}, ("in", 0, 1, 0))], {tp: 2}, 0)
         new.partitions_assigned([tp])
@@ -169,7 +171,7 @@ def test_a_zombie_that_lost_its_partition_is_fenced_in_postgres(
         with pytest.raises(FencedError, match="belongs to another worker"):
             old.prepare([("k", {"k": "k", "n": 99}, ("in", 0, 1, 0))], {tp: 2}, 0)
         new.prepare([("k", {"k": "k", "n": 3}, ("in", 0, 1, 0))], {tp: 2}, 0)
-        new.after_commit(None, rows)  # type: ignore[arg-type]
+        new.after_commit(rows)
         assert pg_rows(postgres_url) == ([("k", 3)], [])
     finally:
         for s in sessions:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-import sqlite3
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,9 @@ import pytest
 
 from onceflow import App, ConfigError, FencedError, PostgresSink, UnavailableError
 from onceflow._crash import CRASH_POINTS, CrashInjector, SimulatedCrash
+from onceflow._embedded import EmbeddedSession
+from onceflow._sinks import SinkContext
+from onceflow._sqlite import SQLiteStore
 from onceflow._supervisor import wait_until
 from onceflow.testing import Crash, Event, run_with_crashes, send
 
@@ -35,6 +37,14 @@ def events(n: int, crash: str | None = None, seed: int = 0) -> list[Event | Cras
         if crash and i % 11 == 5:
             out.append(Crash(crash, nth=rng.randint(1, 2)))
     return out
+
+
+def open_embedded(sink: PostgresSink, path: Path, app: str = "app") -> None:
+    """What an App on the embedded store does with the sink at start: open it, then
+    (with the leases taken) hand it every partition once."""
+    session = EmbeddedSession(SQLiteStore(str(path)), app, "test")
+    sink.open(SinkContext(app, "embedded", session, lambda point: None, None, f"{app}.dlq"))
+    sink.partitions_assigned([])
 
 
 def create_tables(url: str) -> None:
@@ -111,16 +121,15 @@ def test_real_sigkill_between_prepare_and_commit_prepared(
 
 def test_a_zombie_epoch_is_refused_inside_postgres(postgres_url: str, tmp_path: Path) -> None:
     create_tables(postgres_url)
-    conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
     new, old = (
         PostgresSink(table="seen", key=["k"], columns=["k", "n"]),
         PostgresSink(table="seen", key=["k"], columns=["k", "n"]),
     )
     for s in (new, old):
-        s.open("app", conn)
+        open_embedded(s, tmp_path / "s.db")
     rows = [("k", {"k": "k", "n": 1}, ("t", 0, 0, 0))]
     new.prepare(rows, {("t", 0): 1}, fence=7)
-    new.after_commit(conn, rows)
+    new.after_commit(rows)
     stale = [("k", {"k": "k", "n": 99}, ("t", 0, 0, 0))]
     with pytest.raises(FencedError, match="higher epoch than 3"):
         old.prepare(stale, {("t", 0): 1}, fence=3)
@@ -248,20 +257,22 @@ def test_an_app_rides_out_a_postgresql_crash_and_restart(
 
 
 def test_clear_errors(postgres_url: str, tmp_path: Path) -> None:
-    conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
+    db = tmp_path / "s.db"
     with pytest.raises(ConfigError, match="does not exist"):
-        PostgresSink(postgres_url, table="nope", key=["a"], columns=["a"]).open("app", conn)
+        open_embedded(PostgresSink(postgres_url, table="nope", key=["a"], columns=["a"]), db, "app")
     with psycopg.connect(postgres_url, autocommit=True) as c:
         c.execute("CREATE TABLE partial(a text PRIMARY KEY)")
     with pytest.raises(ConfigError, match=r"no columns \['b'\]"):
-        PostgresSink(postgres_url, table="partial", key=["a"], columns=["a", "b"]).open("a", conn)
+        open_embedded(
+            PostgresSink(postgres_url, table="partial", key=["a"], columns=["a", "b"]), db, "a"
+        )
     with pytest.raises(ConfigError, match="not a plain identifier"):
         PostgresSink(postgres_url, table="x; DROP TABLE y", key=["a"], columns=["a"])
     with pytest.raises(ConfigError, match="either table="):
         PostgresSink(postgres_url)
     bad = "postgresql://someone:s3cret-password@127.0.0.1:1/db"
     with pytest.raises(UnavailableError) as err:
-        PostgresSink(bad, table="t", key=["a"], columns=["a"]).open("app", conn)
+        open_embedded(PostgresSink(bad, table="t", key=["a"], columns=["a"]), db, "app")
     assert "s3cret-password" not in str(err.value) and "***" in str(err.value)
 
 
@@ -274,10 +285,9 @@ def test_max_prepared_transactions_zero_is_refused(tmp_path: Path) -> None:
     except PostgresUnavailable as exc:
         pytest.skip(f"PostgreSQL tests need the postgresql package: {exc}")
     try:
-        conn = sqlite3.connect(tmp_path / "s.db", isolation_level=None)
         sink = PostgresSink(server.url, table="t", key=["a"], columns=["a"])
         with pytest.raises(ConfigError, match="max_prepared_transactions"):
-            sink.open("app", conn)
+            open_embedded(sink, tmp_path / "s.db")
     finally:
         server.close()
 

@@ -60,17 +60,18 @@ def _pause_before_commit(p: Producer, reached: threading.Event, resume: threadin
     """Hold `p`'s next send after its records are prepared, before they are committed:
     on the embedded log after its sequence numbers were planned, on Kafka after the
     records went to the client, before the send is acknowledged."""
-    kafka = getattr(p, "_kafka", None)
-    if kafka is None:
-        write = p._write  # type: ignore[attr-defined]
+    client: Any = p._client
+    if hasattr(client, "_write"):  # the embedded log's client
+        write = client._write
 
         def held(*args: Any, **kwargs: Any) -> Any:
             reached.set()
             assert resume.wait(60)
             return write(*args, **kwargs)
 
-        p._write = held  # type: ignore[attr-defined]
+        client._write = held
         return
+    kafka = client
 
     class Held:
         def __init__(self, inner: Any) -> None:
@@ -271,7 +272,8 @@ def test_a_send_retried_after_a_lost_commit_answer_is_stored_once(embedded_store
     """The store numbers records inside the send's transaction; when the answer to a
     COMMIT that did land is lost, the retry must find those records, not add copies."""
     with Producer(embedded_store, producer_id="api", partitions=2) as p:
-        write = p._write  # type: ignore[attr-defined]
+        client: Any = p._client
+        write = client._write
         lost = [True]
 
         def commit_answer_lost(*args: Any, **kwargs: Any) -> Any:
@@ -281,7 +283,7 @@ def test_a_send_retried_after_a_lost_commit_answer_is_stored_once(embedded_store
                 raise sqlite3.OperationalError("disk I/O error")
             return out
 
-        p._write = commit_answer_lost  # type: ignore[attr-defined]
+        client._write = commit_answer_lost
         got = p.send_batch("t", [(f"k{i}", {"i": i}, f"id-{i}") for i in range(6)])
         assert not lost
     assert [r.duplicate for r in got] == [False] * 6

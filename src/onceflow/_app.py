@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ._backend import TP, Session, SessionOptions, open_backend
 from ._checkpoint import AfterCommitError, Checkpoint, EpochFailed, is_outage
 from ._crash import CrashInjector, from_env
 from ._dataflow import STATEFUL, Step, Stream, signature, validate
 from ._effects import EffectSink
-from ._embedded import EmbeddedSession
 from ._errors import (
     CommitError,
     ConfigError,
@@ -30,12 +30,11 @@ from ._errors import (
     UserFunctionError,
 )
 from ._hooks import Hooks, _Fanout
-from ._kafka_common import KafkaURL, is_kafka
 from ._runtime import Batch, DedupStep, Epoch, Executor
 from ._serde import Encoding, decoder_for
 from ._settings import Settings
-from ._sinks import Sink
-from ._sqlite import SQLiteStore, store_path, validate_topic_name
+from ._sinks import Sink, SinkContext
+from ._sqlite import validate_topic_name
 from ._state import StepState
 
 log = logging.getLogger("onceflow")
@@ -111,6 +110,67 @@ class _Narrowing:
     size: int
     left: int
     batches: list[Batch] = field(default_factory=list)
+
+
+class _Rebalance:
+    """The App's side of partitions moving (`_backend.RebalanceListener`): sinks recover
+    on partitions this process gets, the epoch in flight commits before partitions go
+    (or is dropped when they are lost), and caches forget them after."""
+
+    def __init__(
+        self,
+        app: App,
+        session: Session,
+        sinks: dict[str, Sink],
+        cp: Checkpoint,
+        executor: Executor,
+    ) -> None:
+        self.app = app
+        self.session = session
+        self.sinks = sinks
+        self.cp = cp
+        self.executor = executor
+
+    def assigned(self, parts: list[TP]) -> dict[TP, int]:
+        floors: dict[TP, int] = {}
+        wanted = set(parts)
+        for sink in self.sinks.values():
+            # A sink that recorded offsets ahead of the store (the store was restored
+            # from a backup, say) is where the partition resumes.
+            for tp, off in (sink.partitions_assigned(parts) or {}).items():
+                if tp in wanted:
+                    floors[tp] = max(off, floors.get(tp, 0))
+        return floors
+
+    def revoking(self, parts: list[TP]) -> None:
+        try:
+            self.app._commit(self.cp, self.executor.epoch)
+        except CommitError as exc:
+            log.error("commit before a rebalance failed: %s", exc)
+
+    def lost(self, parts: list[TP]) -> None:
+        self.cp.abort()
+
+    def revoked(self, parts: list[TP]) -> None:
+        for sink in self.sinks.values():
+            sink.partitions_revoked(parts)
+        cp = self.cp
+        # After partitions went away, once their epoch was committed (revoking) or
+        # dropped (lost). Anything still uncommitted here would lose its state and dedup
+        # changes while its outputs went on: drop the whole epoch instead.
+        if (
+            self.executor.epoch.records_in
+            or any(st.dirty for st in cp.states.values())
+            or any(d.new for d in cp.dedups.values())
+        ):
+            log.error("assignment changed with an uncommitted epoch; dropping it")
+            cp.abort()
+            self.session.rewind()
+            return
+        for st in cp.states.values():
+            st.reset()
+        for d in cp.dedups.values():
+            d.reset()
 
 
 @dataclass
@@ -247,20 +307,23 @@ class App:
                         "transactional or idempotent sink (to(topic), SQLiteTableSink, FileSink)"
                         ", or build the App with guarantee='at-least-once'"
                     )
+        backend = open_backend(self.store)
         on_store = [name for name, s in self._sinks().items() if s.needs_store]
-        if is_kafka(self.store) and on_store:
+        if not backend.has_sql_store and on_store:
             names = ", ".join(on_store)
             raise ConfigError(
                 f"sinks {names} write into the embedded store's own tables and cannot run on "
-                "Kafka; operator action: write to a topic with to(), use PostgresSink for a "
-                "table or EffectSink for a side effect, or run on a SQLite store"
+                f"the {backend.name} backend; operator action: write to a topic with to(), use "
+                "PostgresSink for a table or EffectSink for a side effect, or run on a "
+                "SQLite store"
             )
-        if is_kafka(self.store):
+        if backend.several_workers:
             self._check_effect_sources()
 
     def _check_effect_sources(self) -> None:
-        """On Kafka an effect sink's journal lives in the state of one input topic's
-        partitions; a sink fed by two sources would journal half its intents nowhere."""
+        """With several workers an effect sink's journal lives in the state of one input
+        topic's partitions; a sink fed by two sources would journal half its intents
+        nowhere."""
         # Only a sink object used twice can be reached from two sources: no operator
         # merges streams, so a stateful step always has one.
         for name, topics in self._partitioned_steps().items():
@@ -332,10 +395,11 @@ class App:
         t_start: float,
     ) -> None:
         """One session on the store: start (acquire, recover), the epoch loop, stop."""
-        session: Any = None
+        session: Session | None = None
         sinks: dict[str, Sink] = {}
         done = False
         try:
+            backend = open_backend(self.store)
             session = self._open_session()
             session.ensure_topics(self._topics())
             session.check_topology(
@@ -343,9 +407,6 @@ class App:
                 f"onceflow reset {self.name} --store {self.store}",
                 self._config(),
             )
-            sources = [s.options["topic"] for s in self._sources]
-            session.acquire(sources)
-            positions = session.committed_positions()
             states = {
                 s.name: StepState(s.name, session.load_state, self.state_cache_keys)
                 for s in self._steps
@@ -363,22 +424,16 @@ class App:
                 if s.kind == "dedupe"
             }
             sinks = self._sinks()
-            if sinks and not hasattr(session, "store"):
-                self._open_sinks_on_kafka(session, sinks, crash)
-            if sinks and hasattr(session, "store"):
-                with session.store.lock:
-                    for sink in sinks.values():
-                        sink.bind(session, crash, self._stop.is_set)
-                        if isinstance(sink, EffectSink):
-                            sink._dead_letter_topic = self.dead_letter_topic
-                        sink.open(self.name, session.store.conn)
-                        # A sink that recorded offsets ahead of the store (the store was
-                        # restored from a backup, say) is where the stage resumes.
-                        resume = getattr(sink, "committed_positions", None)
-                        if resume is not None:
-                            for tp, off in resume().items():
-                                if tp in positions and off > positions[tp]:
-                                    positions[tp] = off
+            context = SinkContext(
+                app=self.name,
+                backend=backend.name,
+                session=session,
+                crash=crash,
+                stopping=self._stop.is_set,
+                dead_letter_topic=self.dead_letter_topic,
+            )
+            for sink in sinks.values():
+                sink.open(context)
             executor = Executor(
                 app_name=self.name,
                 dead_letter_topic=self.dead_letter_topic,
@@ -400,8 +455,12 @@ class App:
                 hooks=hooks,
                 exactly_once=self.guarantee == "exactly-once",
             )
+            session.acquire(
+                [s.options["topic"] for s in self._sources],
+                _Rebalance(self, session, sinks, cp, executor),
+            )
+            positions = session.committed_positions()
             cp.committed_positions = dict(positions)
-            self._wire_rebalances(session, cp, executor)
             outage.over()
             hooks.recovered(time.monotonic() - t_start, dict(positions))
             roots = {s.options["topic"]: s for s in self._sources}
@@ -418,61 +477,20 @@ class App:
             if session is not None:
                 session.close()
 
-    def _open_session(self) -> Any:
-        """The backend named by the store: a kafka:// URL, or else a SQLite file."""
-        owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        if is_kafka(self.store):
-            from ._kafka import KafkaSession
-
-            settings = Settings.from_env()
-            worker = self.worker if self.worker is not None else settings.worker
-            state_dir = self.state_dir or settings.state_dir
-            url = KafkaURL.parse(self.store)
-            session: Any = KafkaSession(
-                url,
-                self.name,
-                worker=worker,
-                # Per namespace: two namespaces' apps of one name must not share stores.
-                state_dir=os.path.join(
-                    state_dir, url.namespace or "_", self.name, f"worker-{worker}"
-                ),
+    def _open_session(self) -> Session:
+        """A session on the backend the store names."""
+        settings = Settings.from_env()
+        return open_backend(self.store).session(
+            SessionOptions(
+                app=self.name,
+                owner=f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
+                worker=self.worker if self.worker is not None else settings.worker,
+                state_dir=self.state_dir or settings.state_dir,
                 commit_interval=self.commit_interval,
                 step_topics=self._step_topics(),
                 topic_partitions=self.partitions,
             )
-            if not hasattr(session, "is_transient"):
-                from ._kafka_common import is_outage
-
-                # Which client errors are the cluster's passing state (step 5b).
-                session.is_transient = is_outage
-            return session
-        return EmbeddedSession(SQLiteStore(store_path(self.store)), self.name, owner)
-
-    def _open_sinks_on_kafka(self, session: Any, sinks: dict[str, Sink], crash: Any) -> None:
-        """Sinks recover per partition on Kafka, when a partition comes to this worker."""
-        for sink in sinks.values():
-            sink.bind(session, crash, self._stop.is_set)
-            if isinstance(sink, EffectSink):
-                sink._dead_letter_topic = self.dead_letter_topic
-            sink.open_on_kafka(self.name, session)
-
-        def assigned(parts: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
-            floors: dict[tuple[str, int], int] = {}
-            for sink in sinks.values():
-                sink.partitions_assigned(parts)
-                resume = getattr(sink, "committed_positions", None)
-                if resume is not None:
-                    for tp, off in resume().items():
-                        if tp in parts:
-                            floors[tp] = max(off, floors.get(tp, 0))
-            return floors
-
-        def revoked(parts: list[tuple[str, int]]) -> None:
-            for sink in sinks.values():
-                sink.partitions_revoked(parts)
-
-        session.sinks_assigned = assigned
-        session.sinks_revoked = revoked
+        )
 
     def _partitioned_steps(self) -> dict[str, set[str]]:
         """Each step partitioned like its input (stateful steps and effect sinks) and
@@ -494,41 +512,6 @@ class App:
         effect sink's journal is partitioned the same way (one source each on Kafka,
         checked by `build`)."""
         return {name: min(topics) for name, topics in self._partitioned_steps().items()}
-
-    def _wire_rebalances(self, session: Any, cp: Checkpoint, executor: Executor) -> None:
-        """Kafka moves partitions between workers: commit what is in flight before giving
-        partitions away, start from the store after getting new ones, and drop an epoch
-        whose partitions were lost (it could not commit anyway)."""
-        if not hasattr(session, "before_revoke"):
-            return
-
-        def before_revoke() -> None:
-            try:
-                self._commit(cp, executor.epoch)
-            except CommitError as exc:
-                log.error("commit before a rebalance failed: %s", exc)
-
-        def changed() -> None:
-            # Called after partitions went away, once their epoch was committed (revoke)
-            # or dropped (lost). Anything still uncommitted here would lose its state
-            # and dedup changes while its outputs went on: drop the whole epoch instead.
-            if (
-                executor.epoch.records_in
-                or any(st.dirty for st in cp.states.values())
-                or any(d.new for d in cp.dedups.values())
-            ):
-                log.error("assignment changed with an uncommitted epoch; dropping it")
-                cp.abort()
-                session.rewind()
-                return
-            for st in cp.states.values():
-                st.reset()
-            for d in cp.dedups.values():
-                d.reset()
-
-        session.before_revoke = before_revoke
-        session.assignment_changed = changed
-        session.partitions_lost = cp.abort
 
     def _config(self) -> dict[str, Any]:
         """What `onceflow status` shows of this App beside its steps."""
@@ -564,7 +547,7 @@ class App:
 
     def _loop(
         self,
-        session: EmbeddedSession,
+        session: Session,
         executor: Executor,
         cp: Checkpoint,
         roots: dict[str, Step],
@@ -720,7 +703,7 @@ class App:
             return False
         return True
 
-    def _commit(self, cp: Checkpoint, ep: Any) -> None:
+    def _commit(self, cp: Checkpoint, ep: Epoch) -> None:
         n_in, dups, dead = ep.records_in, ep.duplicates, ep.dead_letters
         n_out = ep.records_out - dead
         if cp.commit():

@@ -51,7 +51,7 @@ paused between any two instructions and resume after a successor took over (a zo
   (`Sink.fenced()`, `_effect_journal.py`): a settled row is never settled again, and a
   writer that finds its row settled or its fence moved stops as fenced.
 - A sink or step never opens a transaction of its own on the store: it writes through
-  the transaction the backend hands it (`Sink.write(conn, rows)`), so it cannot bypass
+  the transaction the backend hands it (`Sink.write(txn, rows)`), so it cannot bypass
   the check. A new kind of write goes there, or is a compare-and-set.
 Tests pause a process at each step (`ONCEFLOW_PAUSE_AT`, `_crash.py`), let a successor
 take over, resume the zombie and audit the committed effects.
@@ -65,10 +65,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import NoReturn
 
+from ._backend import Session
 from ._crash import SimulatedCrash
 from ._errors import CommitError, FencedError, OnceflowError, StoreError, UnavailableError
+from ._hooks import _Fanout
 from ._runtime import DedupStep, Epoch, Executor
 from ._sinks import Sink
 from ._state import StepState
@@ -123,13 +125,13 @@ class Checkpoint:
     def __init__(
         self,
         *,
-        session: Any,
+        session: Session,
         executor: Executor,
         states: dict[str, StepState],
         dedups: dict[str, DedupStep],
         sinks: dict[str, Sink],
         crash: Callable[[str], None],
-        hooks: Any,
+        hooks: _Fanout,
         exactly_once: bool = True,
     ) -> None:
         self.exactly_once = exactly_once
@@ -145,12 +147,9 @@ class Checkpoint:
         self.committed_positions: dict[tuple[str, int], int] = {}
         self.commits = 0
         self._purge_every = 50
-        self._outage_hook: Callable[[BaseException], bool] | None = getattr(
-            session, "is_transient", None
-        )
 
     def is_outage(self, exc: BaseException) -> bool:
-        return is_outage(exc, self._outage_hook)
+        return is_outage(exc, self.session.is_transient)
 
     def commit(self) -> bool:
         """Steps 3a-3g and the after-commit work. True when something was committed."""
@@ -170,7 +169,7 @@ class Checkpoint:
         if ep.sink_rows:
             self._prepare_sinks(ep, s, epoch_no)
         try:
-            conn = s.begin()  # 3a
+            txn = s.transaction()  # 3a
         except BaseException as exc:
             self._raise_failed(epoch_no, exc, "commit:begin")
         committed = False
@@ -180,24 +179,23 @@ class Checkpoint:
         try:
             if self.exactly_once:
                 step = "commit:fence"
-                s.check_fence(conn)  # 3b
+                txn.check_fence()  # 3b
             step = "commit:outputs"
-            s.write_outputs(conn, ep.outputs)  # 3c, dead letters included
+            txn.write_outputs(ep.outputs)  # 3c, dead letters included
             for name, st in self.states.items():  # 3d
                 if st.dirty:
                     step = f"{name}:state"
-                    s.write_state(conn, name, st.drain())
+                    txn.write_state(name, st.drain())
             purge = self.commits % self._purge_every == 0
             for name, d in self.dedups.items():
                 step = f"{name}:dedup"
                 if purge:
                     # Before the epoch's ids: one seen again now has a new time, and its
                     # new record must outlive the purge of its old one.
-                    purged[name] = s.purge_dedup(conn, name, d.ttl, d.max_keys)
+                    purged[name] = txn.purge_dedup(name, d.ttl, d.max_keys)
                 if d.new:
                     outcomes[name] = self.executor.outcomes(d)
-                    s.write_dedup(
-                        conn,
+                    txn.write_dedup(
                         name,
                         [
                             (p, i, seen, outcomes[name][(p, i)])
@@ -206,14 +204,14 @@ class Checkpoint:
                     )
             for name, rows in ep.sink_rows.items():  # 3e
                 step = f"{name}:write"
-                self.sinks[name].write(conn, rows)
+                self.sinks[name].write(txn, rows)
             if self.exactly_once:
                 step = "commit:offsets"
-                s.write_positions(conn, ep.positions)  # 3f
+                txn.write_positions(ep.positions)  # 3f
             self.crash("in_transaction")
             step = "commit"
             try:
-                s.commit(conn)  # 3g
+                txn.commit()  # 3g
                 committed = True
             except FencedError:
                 raise
@@ -225,22 +223,13 @@ class Checkpoint:
                 log.warning("commit raised %s but landed; continuing", exc)
         except BaseException as exc:
             if not committed:
-                s.rollback(conn)
+                txn.rollback()
                 self._raise_failed(epoch_no, exc, step)
             raise
-        if not self.exactly_once and hasattr(s, "commit_offsets"):
-            # At-least-once on Kafka: offsets through the group after the transaction.
+        if not self.exactly_once:
+            # At-least-once: the offsets follow on their own, so a crash between the two
+            # replays the epoch. This is the guarantee-off baseline.
             s.commit_offsets(ep.positions)
-        elif not self.exactly_once:
-            # At-least-once: offsets follow in their own transaction, so a crash between
-            # the two replays the epoch. This is the guarantee-off baseline.
-            conn = s.begin()
-            try:
-                s.write_positions(conn, ep.positions)
-                s.commit(conn)
-            except BaseException:
-                s.rollback(conn)
-                raise
         self._last_committed_epoch = epoch_no
         self.epoch_no += 1
         self.commits += 1
@@ -252,9 +241,8 @@ class Checkpoint:
             s.after_commit()
             for st in self.states.values():
                 st.committed()
-            store_conn: Any = s.store.conn if hasattr(s, "store") else None
             for name, rows in ep.sink_rows.items():
-                self.sinks[name].after_commit(store_conn, rows)
+                self.sinks[name].after_commit(rows)
         except FencedError:
             raise
         except Exception as exc:
@@ -268,7 +256,7 @@ class Checkpoint:
         self.hooks.commit_finished(epoch_no, ep.records_in, n_out, time.monotonic() - t0)
         return True
 
-    def _prepare_sinks(self, ep: Epoch, s: Any, epoch_no: int) -> None:
+    def _prepare_sinks(self, ep: Epoch, s: Session, epoch_no: int) -> None:
         """Before 3a: sinks of other systems write and prepare (two-phase commit); the
         store's transaction then records what they prepared."""
         name = ""

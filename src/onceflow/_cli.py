@@ -23,6 +23,7 @@ from rich.text import Text
 from . import __version__
 from . import _kafka_status as kafka
 from ._app import App
+from ._backend import open_backend
 from ._errors import OnceflowError
 from ._kafka_common import is_kafka
 from ._loader import load_app
@@ -267,8 +268,9 @@ def run(
     path, explicit = resolve_store(ctx, store)
     if explicit:
         app.store = path
+    several = open_backend(app.store).several_workers
     if worker is not None:
-        if not is_kafka(app.store):
+        if not several:
             # Silently ignoring it would let an operator believe two processes share
             # the work, when on SQLite the second one fences the first.
             raise click.UsageError(
@@ -278,7 +280,7 @@ def run(
         app.worker = worker
     stats = app.run(until_idle=until_idle)
     where = f"store {app.store}"
-    if is_kafka(app.store):
+    if several:
         slot = app.worker if app.worker is not None else Settings.from_env().worker
         where += f", worker {slot}"
     click.echo(

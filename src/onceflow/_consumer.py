@@ -6,11 +6,10 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 
+from ._backend import ConsumerClient, open_backend
 from ._errors import ConfigError
-from ._kafka_clients import KafkaConsumerImpl
-from ._kafka_common import is_kafka
 from ._records import Record
-from ._sqlite import SQLiteStore, store_path
+from ._sqlite import SQLiteStore
 
 
 class Consumer:
@@ -38,26 +37,49 @@ class Consumer:
             raise ConfigError("Consumer needs at least one topic")
         self.group = group
         self.topics = list(topics)
-        self._kafka: KafkaConsumerImpl | None = None
-        if is_kafka(os.fspath(store)):
-            self._kafka = KafkaConsumerImpl(os.fspath(store), group, self.topics, start)
-            return
-        self._store = SQLiteStore(store_path(store))
-        self._start = start
-        self._positions: dict[tuple[str, int], int] = {}
-        self._cursor = 0
+        self._client: ConsumerClient = open_backend(store).consumer(group, self.topics, start)
 
     def close(self) -> None:
-        if self._kafka is not None:
-            self._kafka.close()
-            return
-        self._store.close()
+        self._client.close()
 
     def __enter__(self) -> Consumer:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def position(self, topic: str, partition: int) -> int:
+        return self._client.position(topic, partition)
+
+    def seek(self, topic: str, partition: int, offset: int) -> None:
+        self._client.seek(topic, partition, offset)
+
+    def poll(self, max_records: int = 1000, timeout: float = 0.0) -> list[Record]:
+        """Up to `max_records` committed records, waiting up to `timeout` seconds for any."""
+        return self._client.poll(max_records, timeout)
+
+    def __iter__(self) -> Iterator[Record]:
+        """Records until the topics are drained (no follow)."""
+        yield from self._client.drained()
+
+    def commit(self) -> None:
+        """Store the current positions for the group, durably."""
+        self._client.commit()
+
+
+class EmbeddedConsumer:
+    """The embedded log's side of `Consumer`: positions in memory, committed per group."""
+
+    def __init__(self, store: SQLiteStore, group: str, topics: Sequence[str], start: str) -> None:
+        self.group = group
+        self.topics = list(topics)
+        self._store = store
+        self._start = start
+        self._positions: dict[tuple[str, int], int] = {}
+        self._cursor = 0
+
+    def close(self) -> None:
+        self._store.close()
 
     def _refresh(self) -> list[tuple[str, int]]:
         """Pick up topics and partitions that appeared since the last poll."""
@@ -74,20 +96,12 @@ class Consumer:
         return sorted(self._positions)
 
     def position(self, topic: str, partition: int) -> int:
-        if self._kafka is not None:
-            return self._kafka.position(topic, partition)
         return self._positions.get((topic, partition), 0)
 
     def seek(self, topic: str, partition: int, offset: int) -> None:
-        if self._kafka is not None:
-            self._kafka.seek(topic, partition, offset)
-            return
         self._positions[(topic, partition)] = offset
 
-    def poll(self, max_records: int = 1000, timeout: float = 0.0) -> list[Record]:
-        """Up to `max_records` committed records, waiting up to `timeout` seconds for any."""
-        if self._kafka is not None:
-            return self._kafka.poll(max_records, timeout)
+    def poll(self, max_records: int, timeout: float) -> list[Record]:
         deadline = time.monotonic() + timeout
         while True:
             tps = self._refresh()
@@ -108,26 +122,12 @@ class Consumer:
                 return out
             time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
-    def __iter__(self) -> Iterator[Record]:
-        """Records until the topics are drained (no follow)."""
-        if self._kafka is not None:
-            # A group consumer has no partitions until the group assigns them, so
-            # "drained" means assigned and at the end of each, not one empty poll.
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                batch = self._kafka.poll(1000, 0.2)
-                yield from batch
-                if not batch and self._kafka.caught_up():
-                    return
-            return
-        while batch := self.poll():
+    def drained(self) -> Iterator[Record]:
+        """An empty poll of the log means every topic is drained."""
+        while batch := self.poll(1000, 0.0):
             yield from batch
 
     def commit(self) -> None:
-        """Store the current positions for the group, durably."""
-        if self._kafka is not None:
-            self._kafka.commit()
-            return
         rows = []
         for (topic, part), off in self._positions.items():
             found = self._store.topic(topic)

@@ -13,12 +13,17 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import FencedError
 from ._records import Columns
 from ._serde import encode_value
-from ._sinks import Row
+from ._sinks import Row, sql_of
+
+if TYPE_CHECKING:
+    from ._backend import Transaction
+    from ._kafka import KafkaSession
+    from ._sqlite import SQLiteStore
 
 SQLITE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS effects(app TEXT NOT NULL, sink TEXT NOT NULL, "
@@ -40,7 +45,7 @@ class Intent:
 
 
 class Journal(Protocol):
-    def add(self, txn: Any, rows: Sequence[Row], key: KeyFn) -> None: ...
+    def add(self, txn: Transaction, rows: Sequence[Row], key: KeyFn) -> None: ...
 
     def pending(self) -> list[Intent]: ...
 
@@ -68,7 +73,7 @@ class SQLiteJournal:
         fenced: Callable[[str], AbstractContextManager[sqlite3.Connection]],
         app: str,
         sink: str,
-        store: Any,
+        store: SQLiteStore,
         dead_letter_topic: str,
     ) -> None:
         self.fenced, self.app, self.sink = fenced, app, sink
@@ -76,12 +81,13 @@ class SQLiteJournal:
         with store.lock:
             store.conn.execute(SQLITE_SCHEMA)
 
-    def add(self, txn: Any, rows: Sequence[Row], key: KeyFn) -> None:
-        (last,) = txn.execute(
+    def add(self, txn: Transaction, rows: Sequence[Row], key: KeyFn) -> None:
+        conn = sql_of(txn, self.sink)
+        (last,) = conn.execute(
             "SELECT COALESCE(MAX(seq), -1) FROM effects WHERE app=? AND sink=?",
             (self.app, self.sink),
         ).fetchone()
-        txn.executemany(
+        conn.executemany(
             "INSERT INTO effects(app, sink, seq, key, payload, status) VALUES(?,?,?,?,?,'pending')",
             [
                 (self.app, self.sink, last + 1 + i, key(row_id), encode_value(value))
@@ -148,12 +154,13 @@ class KafkaJournal:
     that the worker that takes the partition over finds them. Outcomes are journalled
     together by one small Kafka transaction per delivery round (`flush`)."""
 
-    def __init__(self, session: Any, app: str, sink: str, dead_letter_topic: str) -> None:
+    def __init__(self, session: KafkaSession, app: str, sink: str, dead_letter_topic: str) -> None:
         self.session, self.app, self.sink = session, app, sink
         self.dead_letter_topic = dead_letter_topic
         self._settled: list[tuple[Intent, str, bytes | None, str | None]] = []
 
-    def add(self, txn: Any, rows: Sequence[Row], key: KeyFn) -> None:
+    def add(self, txn: Transaction, rows: Sequence[Row], key: KeyFn) -> None:
+        # Into the session's open transaction, beside the input's state.
         for _, value, row_id in rows:
             topic, part, off, idx = row_id
             self.session.write_effect(

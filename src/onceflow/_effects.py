@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._effect_journal import Journal, KafkaJournal, SQLiteJournal
+from ._effect_journal import Journal
 from ._errors import ConfigError, FencedError
 from ._serde import encode_value
-from ._sinks import Row, Sink
+from ._sinks import Row, Sink, SinkContext
+
+if TYPE_CHECKING:
+    from ._backend import Transaction
 
 log = logging.getLogger("onceflow")
 
@@ -75,36 +77,33 @@ class EffectSink(Sink):
         self._failing = False
         self._backlog = False
         self._app = ""
-        # Set by the App.
-        self._dead_letter_topic = ""
         self._journal: Journal | None = None
 
-    def open(self, app: str, conn: sqlite3.Connection) -> None:
-        self._app = app
-        store = self._session.store
-        self._journal = SQLiteJournal(self.fenced, app, self.name, store, self._dead_letter_topic)
-        self._deliver(now=True)
+    def open(self, context: SinkContext) -> None:
+        """The backend's journal; pending intents are delivered once their partitions
+        are assigned."""
+        super().open(context)
+        self._app = context.app
+        self._journal = context.session.effect_journal(
+            context.app, self.name, context.dead_letter_topic, self.fenced
+        )
 
-    def open_on_kafka(self, app: str, session: Any) -> None:
-        """Kafka: pending intents are delivered when their partition is assigned."""
-        self._app = app
-        self._journal = KafkaJournal(session, app, self.name, self._dead_letter_topic)
-
-    def partitions_assigned(self, parts: list[tuple[str, int]]) -> None:
+    def partitions_assigned(self, parts: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
         # The previous owner may have died with intents pending: same keys, sent again.
         self._deliver(now=True)
+        return {}
 
-    def write(self, conn: Any, rows: Sequence[Row]) -> None:
+    def write(self, txn: Transaction, rows: Sequence[Row]) -> None:
         """Journal the intents inside the epoch's transaction."""
         assert self._journal is not None, "EffectSink used before open"
-        self._journal.add(conn, rows, self._key)
+        self._journal.add(txn, rows, self._key)
 
     def _key(self, row_id: tuple[str, int, int, int]) -> str:
         # Deterministic: the same output of the same input always gets the same key.
         topic, part, off, idx = row_id
         return f"{self._app}:{self.name}:{topic}:{part}:{off}:{idx}"
 
-    def after_commit(self, conn: Any, rows: Sequence[Row]) -> None:
+    def after_commit(self, rows: Sequence[Row]) -> None:
         self._deliver()
 
     def retry_pending(self) -> None:

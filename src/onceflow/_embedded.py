@@ -1,26 +1,128 @@
 """The embedded backend: what one App process does against the SQLite store.
 
 The commit protocol itself lives in `_checkpoint.py`; this module supplies the store
-operations it is made of, so that another backend (Kafka) supplies the same ones.
+operations it is made of, behind the seam of `_backend.py` that Kafka implements too.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import threading
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ._backend import (
+    TP,
+    DedupRow,
+    PartKey,
+    RebalanceListener,
+    SessionOptions,
+    StateRow,
+)
 from ._dataflow import topology_problems
 from ._errors import FencedError, StoreError, TopologyError
-from ._records import Columns
+from ._records import Columns, Record
 from ._runtime import Batch
-from ._sqlite import SQLiteStore, partition_for
+from ._sqlite import SQLiteStore, partition_for, store_path
 
-PartKey = tuple[int, str]
+if TYPE_CHECKING:
+    from ._backend import Backend, ConsumerClient, ProducerClient, Session, Transaction
+    from ._effect_journal import Journal
+
+
+class EmbeddedBackend:
+    """A SQLite file: one process holds every partition, under leases."""
+
+    name = "embedded"
+    has_sql_store = True
+    several_workers = False
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = store_path(url)
+
+    def session(self, options: SessionOptions) -> EmbeddedSession:
+        return EmbeddedSession(SQLiteStore(self.path), options.app, options.owner)
+
+    def producer(self, producer_id: str, partitions: int) -> ProducerClient:
+        from ._producer import EmbeddedProducer
+
+        return EmbeddedProducer(SQLiteStore(self.path), producer_id, partitions)
+
+    def consumer(self, group: str, topics: Sequence[str], start: str) -> ConsumerClient:
+        from ._consumer import EmbeddedConsumer
+
+        return EmbeddedConsumer(SQLiteStore(self.path), group, topics, start)
+
+    def committed_records(self, topic: str) -> list[Record]:
+        st = SQLiteStore(self.path)
+        try:
+            return [
+                rec
+                for part in st.end_offsets(topic)
+                for rec in st.read_records(topic, part, 0, 1 << 62)
+            ]
+        finally:
+            st.close()
+
+    def committed_state(
+        self, app: str, step_topics: dict[str, str]
+    ) -> tuple[dict[tuple[str, int, str], bytes], set[tuple[str, int, str]]]:
+        """The committed state rows and dedup ids of `app`'s steps."""
+        st = SQLiteStore(self.path)
+        state: dict[tuple[str, int, str], bytes] = {}
+        ids: set[tuple[str, int, str]] = set()
+        try:
+            with st.lock:
+                for step, part, key, value in st.conn.execute(
+                    "SELECT step, part, key, value FROM state WHERE app=?", (app,)
+                ):
+                    state[(step, part, key)] = value
+                for step, part, bid in st.conn.execute(
+                    "SELECT step, part, id FROM dedup WHERE app=?", (app,)
+                ):
+                    ids.add((step, part, bid))
+        finally:
+            st.close()
+        return state, ids
+
+
+class EmbeddedTransaction:
+    """The store's write transaction (BEGIN IMMEDIATE), fenced by the leases in 3b."""
+
+    def __init__(self, session: EmbeddedSession, conn: sqlite3.Connection) -> None:
+        self.session = session
+        self.sql: sqlite3.Connection | None = conn
+        self._conn = conn
+
+    def check_fence(self) -> None:
+        self.session.check_fence(self._conn)
+
+    def write_outputs(self, outputs: dict[TP, Columns]) -> None:
+        self.session.write_outputs(self._conn, outputs)
+
+    def write_state(self, step: str, rows: list[StateRow]) -> None:
+        self.session.write_state(self._conn, step, rows)
+
+    def write_dedup(self, step: str, rows: list[DedupRow]) -> None:
+        self.session.write_dedup(self._conn, step, rows)
+
+    def purge_dedup(self, step: str, ttl: float | None, max_keys: int | None) -> int:
+        return self.session.purge_dedup(self._conn, step, ttl, max_keys)
+
+    def write_positions(self, positions: dict[TP, int]) -> None:
+        self.session.write_positions(self._conn, positions)
+
+    def commit(self) -> None:
+        self.session.commit(self._conn)
+
+    def rollback(self) -> None:
+        self.session.rollback(self._conn)
 
 
 class EmbeddedSession:
@@ -34,6 +136,13 @@ class EmbeddedSession:
         self.leases: dict[tuple[int, int], int] = {}
         self.assigned: list[tuple[str, int, int]] = []  # (topic, topic id, partition)
         self._leftover: dict[tuple[int, int], tuple[int, Columns]] = {}
+        # Per partition, the offset a sink recorded as done (the store was restored from
+        # a backup older than the sink's database, say): never read below it.
+        self.floors: dict[TP, int] = {}
+
+    @property
+    def sql_store(self) -> SQLiteStore | None:
+        return self.store
 
     # -- start ----------------------------------------------------------------------
 
@@ -68,8 +177,9 @@ class EmbeddedSession:
                 f"state and offsets with `{reset_hint}` to reprocess from the start"
             )
 
-    def acquire(self, sources: Iterable[str]) -> None:
-        """Take every partition of the sources, raising its lease epoch.
+    def acquire(self, sources: Iterable[str], listener: RebalanceListener) -> None:
+        """Take every partition of the sources, raising its lease epoch, then tell the
+        listener, once: this process holds them all until it stops.
 
         A process that held them before (a paused zombie, the previous incarnation)
         still has the old epoch and fails the check inside its next commit.
@@ -96,16 +206,31 @@ class EmbeddedSession:
                     self.leases[(tid, part)] = epoch
                     assigned.append((topic, tid, part))
         self.assigned = assigned
+        # Under the store's lock, as the sinks' recovery was before the seam: no other
+        # thread of this process writes to the store while they recover.
+        with self.store.lock:
+            self.floors = listener.assigned([(t, p) for t, _, p in assigned])
 
     def committed_positions(self) -> dict[tuple[str, int], int]:
+        committed = self.committed_of((t, p) for t, _, p in self.assigned)
+        return {tp: max(off, self.floors.get(tp, 0)) for tp, off in committed.items()}
+
+    def committed_of(self, parts: Iterable[TP]) -> dict[TP, int]:
+        """The committed offsets of any partitions of the app, -1 where none."""
         out = {}
         with self.store.lock:
-            for topic, tid, part in self.assigned:
-                row = self.conn.execute(
-                    "SELECT next_offset FROM group_offsets WHERE grp=? AND topic_id=? AND part=?",
-                    (self.app, tid, part),
-                ).fetchone()
-                out[(topic, part)] = 0 if row is None else row[0]
+            for topic, part in parts:
+                found = self.store.topic(topic)
+                row = (
+                    None
+                    if found is None
+                    else self.conn.execute(
+                        "SELECT next_offset FROM group_offsets "
+                        "WHERE grp=? AND topic_id=? AND part=?",
+                        (self.app, found[0], part),
+                    ).fetchone()
+                )
+                out[(topic, part)] = -1 if row is None else row[0]
         return out
 
     # -- reading --------------------------------------------------------------------
@@ -156,7 +281,7 @@ class EmbeddedSession:
             total += got
         return list(by_topic.values())
 
-    def wait_for_data(self, timeout: float, stop: Any) -> None:
+    def wait_for_data(self, timeout: float, stop: threading.Event) -> None:
         """Sleep until another connection commits (new input, probably) or `timeout`.
 
         `PRAGMA data_version` changes when any other connection commits, and costs far
@@ -208,6 +333,9 @@ class EmbeddedSession:
 
     # -- the commit's operations (called by Checkpoint, in its order) ---------------
 
+    def transaction(self) -> EmbeddedTransaction:
+        return EmbeddedTransaction(self, self.begin())
+
     def begin(self) -> sqlite3.Connection:
         self.store.lock.acquire()
         try:
@@ -247,9 +375,7 @@ class EmbeddedSession:
                 raise StoreError(f"output topic '{topic}' vanished from the store")
             self.store.append(conn, found[0], part, cols)
 
-    def write_state(
-        self, conn: sqlite3.Connection, step: str, rows: list[tuple[int, str, bytes | None]]
-    ) -> None:
+    def write_state(self, conn: sqlite3.Connection, step: str, rows: list[StateRow]) -> None:
         puts = [(self.app, step, p, k, v) for p, k, v in rows if v is not None]
         dels = [(self.app, step, p, k) for p, k, v in rows if v is None]
         if puts:
@@ -265,7 +391,7 @@ class EmbeddedSession:
         self,
         conn: sqlite3.Connection,
         step: str,
-        rows: list[tuple[int, str, float, bytes | None]],
+        rows: list[DedupRow],
     ) -> None:
         conn.executemany(
             "INSERT INTO dedup(app, step, part, id, seen, outcome) VALUES(?,?,?,?,?,?) "
@@ -329,8 +455,33 @@ class EmbeddedSession:
         """This process's epoch for external sinks: every start raises every lease epoch."""
         return max(self.leases.values(), default=0)
 
+    def commit_offsets(self, positions: dict[TP, int]) -> None:
+        """At-least-once: the offsets in a transaction of their own, after the epoch's."""
+        txn = self.transaction()
+        try:
+            txn.write_positions(positions)
+            txn.commit()
+        except BaseException:
+            txn.rollback()
+            raise
+
     def after_commit(self) -> None:
         """Nothing to catch up: the store itself is the state."""
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """SQLite's passing states are OperationalErrors, which `is_outage` knows."""
+        return False
+
+    def effect_journal(
+        self,
+        app: str,
+        sink: str,
+        dead_letter_topic: str,
+        fenced: Callable[[str], AbstractContextManager[sqlite3.Connection]],
+    ) -> Journal:
+        from ._effect_journal import SQLiteJournal
+
+        return SQLiteJournal(fenced, app, sink, self.store, dead_letter_topic)
 
     def rewind(self) -> dict[tuple[str, int], int]:
         self._leftover.clear()
@@ -348,7 +499,7 @@ class EmbeddedSession:
 
     def outcome_of(self, positions: dict[tuple[str, int], int]) -> bool:
         """After a COMMIT that raised: did it land? The committed offsets tell."""
-        committed = self.committed_positions()
+        committed = self.committed_of(positions)
         return all(committed.get(tp) == off for tp, off in positions.items())
 
 
@@ -362,3 +513,10 @@ def _group(pks: list[PartKey]) -> dict[int, list[str]]:
 def _chunks(items: list[str], n: int) -> Iterable[list[str]]:
     for i in range(0, len(items), n):
         yield items[i : i + n]
+
+
+if TYPE_CHECKING:
+    # The seam, checked by mypy: each class is what the App and the sinks ask for.
+    _b: Backend = EmbeddedBackend("")
+    _s: Session = EmbeddedSession.__new__(EmbeddedSession)
+    _t: Transaction = EmbeddedTransaction.__new__(EmbeddedTransaction)

@@ -28,11 +28,13 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ._backend import DedupRow, RebalanceListener, SessionOptions, StateRow
 from ._crash import from_env
 from ._dataflow import topology_problems
 from ._errors import ConfigError, FencedError, StoreError, TopologyError, UnavailableError
@@ -44,12 +46,18 @@ from ._kafka_common import (
     decode_key,
     encode_headers,
     encode_key,
+    is_outage,
     kafka_module,
     kafka_partition,
     transient,
 )
-from ._records import Columns
+from ._records import Columns, Record
 from ._runtime import Batch
+
+if TYPE_CHECKING:
+    from ._backend import Backend, ConsumerClient, ProducerClient, Session, Transaction
+    from ._effect_journal import Journal
+    from ._sqlite import SQLiteStore
 
 log = logging.getLogger("onceflow")
 
@@ -412,6 +420,9 @@ class _Outage:
 class KafkaSession:
     """One worker process's hold on Kafka: consumer, transactional producer, stores."""
 
+    # No SQL tables: sinks that write into them are refused on Kafka (`App.build`).
+    sql_store: SQLiteStore | None = None
+
     def __init__(
         self,
         url: KafkaURL,
@@ -473,18 +484,17 @@ class KafkaSession:
         self._eof: set[tuple[str, int]] = set()
         self._wrote_inputs: set[tuple[str, int]] = set()
         self._sources: list[str] = []
-        # Set by the App: commit the epoch in flight before partitions are taken away,
-        # forget caches after assignment changes, drop the epoch when partitions are lost.
-        self.before_revoke: Callable[[], None] = lambda: None
-        self.assignment_changed: Callable[[], None] = lambda: None
-        self.partitions_lost: Callable[[], None] = lambda: None
-        # Set by the App: external sinks recover on partitions this worker gets (and say
-        # where PostgreSQL's recorded offsets are ahead of the group's), and forget the
-        # ones it loses.
-        self.sinks_assigned: Callable[[list[TP]], dict[TP, int]] = lambda parts: {}
-        self.sinks_revoked: Callable[[list[TP]], None] = lambda parts: None
+        # Given by the App in `acquire`: commit the epoch in flight before partitions are
+        # taken away, drop it when they are lost, let sinks recover on partitions this
+        # worker gets (and say where PostgreSQL's recorded offsets are ahead of the
+        # group's), and forget caches and sinks' partitions after they went.
+        self.listener: RebalanceListener = _NO_LISTENER
         # Per partition, the offset an external sink recorded as done: never read below.
         self.floors: dict[TP, int] = {}
+        # The highest offset per partition this session saw committed (read, or written
+        # by a transaction that committed), and those the open transaction sends.
+        self._known: dict[TP, int] = {}
+        self._sending: dict[TP, int] = {}
         self.fenced = False
         self._sent_offsets = False
         self._closing = False
@@ -664,8 +674,9 @@ class KafkaSession:
         when they repeat (`CLIENT_LOG`), never straight to stderr."""
         return {"bootstrap.servers": self.url.bootstrap, "logger": CLIENT_LOG, **extra}
 
-    def acquire(self, sources: Iterable[str]) -> None:
+    def acquire(self, sources: Iterable[str], listener: RebalanceListener) -> None:
         self._sources = list(sources)
+        self.listener = listener
         self._new_producer(first=True)
         self._new_consumer()
 
@@ -677,7 +688,7 @@ class KafkaSession:
             # them, and its close must not run the App's callbacks (they check `consumer`).
             lost = list(self.assigned)
             if lost:
-                self.partitions_lost()
+                self.listener.lost(lost)
                 self._drop([self.ck.TopicPartition(self.url.topic(t), p) for t, p in lost])
             with contextlib.suppress(Exception):
                 old.close()
@@ -989,7 +1000,7 @@ class KafkaSession:
         restored = self._restore([tp for tp in keys if tp[0] in stateful])
         # Caches are not touched here: partitions held before are still held, and the
         # state of new ones was never cached (a revoke drops caches in `_drop`).
-        self.floors.update(self.sinks_assigned(keys))
+        self.floors.update(self.listener.assigned(keys))
         ahead = {tp: off for tp, off in self.floors.items() if tp in offsets and off > offsets[tp]}
         if ahead:
             log.warning("resuming %s from offsets recorded by a sink (ahead of the group)", ahead)
@@ -1041,18 +1052,21 @@ class KafkaSession:
         if consumer is not self.consumer:
             return  # a dead consumer closing: `_new_consumer` dropped its partitions
         self._untaken = []
-        self.before_revoke()
+        self.listener.revoking(self._keys(partitions))
         self._drop(partitions)
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         if consumer is not self.consumer:
             return
         self._untaken = []
-        self.partitions_lost()
+        self.listener.lost(self._keys(partitions))
         self._drop(partitions)
 
+    def _keys(self, partitions: list[Any]) -> list[TP]:
+        return [(self.url.strip(tp.topic), tp.partition) for tp in partitions]
+
     def _drop(self, partitions: list[Any]) -> None:
-        keys = [(self.url.strip(tp.topic), tp.partition) for tp in partitions]
+        keys = self._keys(partitions)
         for key in keys:
             if key in self.assigned:
                 self.assigned.remove(key)
@@ -1060,8 +1074,7 @@ class KafkaSession:
             store = self.local.pop(key, None)
             if store is not None:
                 store.close()
-        self.sinks_revoked(keys)
-        self.assignment_changed()
+        self.listener.revoked(keys)
 
     def _restore(self, parts: list[TP]) -> int:
         """Bring the local stores of `parts` to their changelogs' end as of now, all
@@ -1270,7 +1283,8 @@ class KafkaSession:
     def committed_positions(self) -> dict[tuple[str, int], int]:
         if not self.assigned or self.consumer is None:
             return {}
-        return {tp: max(off, 0) for tp, off in self.committed_of(self.assigned).items()}
+        committed = self.committed_of(self.assigned)
+        return {tp: max(off, self.floors.get(tp, 0)) for tp, off in committed.items()}
 
     def committed_of(self, parts: Iterable[TP]) -> dict[TP, int]:
         """The group's committed offsets of any partitions, negative where none. With
@@ -1287,7 +1301,14 @@ class KafkaSession:
                 raise StoreError(
                     f"cannot read the committed offset of {tp.topic}[{tp.partition}]: {tp.error}"
                 )
-        return {(self.url.strip(tp.topic), tp.partition): tp.offset for tp in got}
+        out = {(self.url.strip(tp.topic), tp.partition): tp.offset for tp in got}
+        self._saw_committed(out)
+        return out
+
+    def _saw_committed(self, offsets: dict[TP, int]) -> None:
+        for tp, off in offsets.items():
+            if off > self._known.get(tp, -1):
+                self._known[tp] = off
 
     def rewind(self) -> dict[tuple[str, int], int]:
         """Back to the last commit: seek every held partition to its committed offset,
@@ -1405,7 +1426,7 @@ class KafkaSession:
         self._new_consumer()
         return True
 
-    def wait_for_data(self, timeout: float, stop: Any) -> None:
+    def wait_for_data(self, timeout: float, stop: threading.Event) -> None:
         """`poll` already waits in the consumer."""
 
     def idle(self) -> bool:
@@ -1434,10 +1455,15 @@ class KafkaSession:
 
     # -- the commit's operations (called by Checkpoint, in its order) ---------------
 
+    def transaction(self) -> KafkaTransaction:
+        self.begin()
+        return KafkaTransaction(self)
+
     def begin(self) -> Any:
         self._pending = {}
         self._produced = {}
         self._sent_offsets = False
+        self._sending = {}
         self._ensure_producer(wait=TXN_TIMEOUT_S)
         self._txn_call(lambda p: p.begin_transaction(), "begin_transaction", local=True)
         self._in_txn = True
@@ -1597,7 +1623,15 @@ class KafkaSession:
         """The offsets join the transaction with the group generation: a worker whose
         partitions moved on (a rebalance, or a session that ran out in an outage) is
         refused here (ILLEGAL_GENERATION, UNKNOWN_MEMBER_ID, FENCED_INSTANCE_ID), its
-        epoch dropped; it rejoins and goes on."""
+        epoch dropped; it rejoins and goes on. The group takes offsets that move back;
+        this session refuses them below any it saw committed, as the embedded store does
+        (the checkpoint checks that first: this is the seam's own promise)."""
+        for tp, off in positions.items():
+            if off < self._known.get(tp, -1):
+                raise StoreError(
+                    f"worker {self.worker} would move {tp[0]}[{tp[1]}] back from "
+                    f"{self._known[tp]} to {off}; refusing"
+                )
         tps = [
             self.ck.TopicPartition(self.url.topic(t), p, off) for (t, p), off in positions.items()
         ]
@@ -1607,6 +1641,7 @@ class KafkaSession:
             "send_offsets_to_transaction",
         )
         self._sent_offsets = True
+        self._sending = dict(positions)
 
     def commit_offsets(self, positions: dict[tuple[str, int], int]) -> None:
         """At-least-once: offsets through the group, after the outputs' transaction."""
@@ -1621,6 +1656,8 @@ class KafkaSession:
     def commit(self, txn: Any) -> None:
         self._txn_call(lambda p: p.commit_transaction(TXN_TIMEOUT_S), "commit_transaction")
         self._in_txn = False
+        self._saw_committed(self._sending)
+        self._sending = {}
 
     def rollback(self, txn: Any) -> None:
         """Abort the open transaction. After a failed transactional call the producer is
@@ -1735,12 +1772,9 @@ class KafkaSession:
         # kill: leaving the group must not commit from a revoke callback, nor an
         # assignment arriving while the consumer closes restore anything.
         self._closing = True
-        self.before_revoke = lambda: None
-        self.assignment_changed = lambda: None
-        self.sinks_revoked = lambda parts: None
         # An assignment arriving while the consumer closes must not ask the group for
-        # offsets (it fails with _DESTROY and turns a clean stop into an error).
-        self.sinks_assigned = lambda parts: {}
+        # offsets either (it fails with _DESTROY and turns a clean stop into an error).
+        self.listener = _NO_LISTENER
         if self.consumer is not None:
             with contextlib.suppress(Exception):
                 self.consumer.close()
@@ -1754,3 +1788,148 @@ class KafkaSession:
 
     def partition_for(self, key: str | None, partitions: int, fallback: int) -> int:
         return kafka_partition(key, partitions, fallback)
+
+    def is_transient(self, exc: BaseException) -> bool:
+        """Which client errors are the cluster's passing state (step 5b)."""
+        return is_outage(exc)
+
+    def effect_journal(
+        self,
+        app: str,
+        sink: str,
+        dead_letter_topic: str,
+        fenced: Callable[[str], AbstractContextManager[sqlite3.Connection]],
+    ) -> Journal:
+        """In the input partitions' local stores and changelogs: outcomes settle in
+        transactions of their own (`settle_effects`), not through `fenced`."""
+        from ._effect_journal import KafkaJournal
+
+        return KafkaJournal(self, app, sink, dead_letter_topic)
+
+
+class KafkaTransaction:
+    """The worker's open Kafka transaction. A zombie is fenced at `commit`: by the
+    producer epoch of its worker slot and by the group generation sent with the
+    offsets."""
+
+    sql: sqlite3.Connection | None = None
+
+    def __init__(self, session: KafkaSession) -> None:
+        self.session = session
+
+    def check_fence(self) -> None:
+        self.session.check_fence(self)
+
+    def write_outputs(self, outputs: dict[TP, Columns]) -> None:
+        self.session.write_outputs(self, outputs)
+
+    def write_state(self, step: str, rows: list[StateRow]) -> None:
+        self.session.write_state(self, step, rows)
+
+    def write_dedup(self, step: str, rows: list[DedupRow]) -> None:
+        self.session.write_dedup(self, step, rows)
+
+    def purge_dedup(self, step: str, ttl: float | None, max_keys: int | None) -> int:
+        return self.session.purge_dedup(self, step, ttl, max_keys)
+
+    def write_positions(self, positions: dict[TP, int]) -> None:
+        self.session.write_positions(self, positions)
+
+    def commit(self) -> None:
+        self.session.commit(self)
+
+    def rollback(self) -> None:
+        self.session.rollback(self)
+
+
+class _NoListener:
+    """Before `acquire` and after `close`: no rebalance reaches the App."""
+
+    def assigned(self, parts: list[TP]) -> dict[TP, int]:
+        return {}
+
+    def revoking(self, parts: list[TP]) -> None:
+        pass
+
+    def lost(self, parts: list[TP]) -> None:
+        pass
+
+    def revoked(self, parts: list[TP]) -> None:
+        pass
+
+
+_NO_LISTENER = _NoListener()
+
+
+class KafkaBackend:
+    """A Kafka cluster (`kafka://HOST:PORT[/NAMESPACE]`): worker processes share the
+    partitions through a consumer group."""
+
+    name = "kafka"
+    has_sql_store = False
+    several_workers = True
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.parsed = KafkaURL.parse(url)
+
+    def session(self, options: SessionOptions) -> KafkaSession:
+        return KafkaSession(
+            self.parsed,
+            options.app,
+            worker=options.worker,
+            # Per namespace: two namespaces' apps of one name must not share stores.
+            state_dir=os.path.join(
+                options.state_dir,
+                self.parsed.namespace or "_",
+                options.app,
+                f"worker-{options.worker}",
+            ),
+            commit_interval=options.commit_interval,
+            step_topics=options.step_topics,
+            topic_partitions=options.topic_partitions,
+        )
+
+    def producer(self, producer_id: str, partitions: int) -> ProducerClient:
+        from ._kafka_clients import KafkaProducerImpl
+
+        return KafkaProducerImpl(self.url, producer_id, partitions)
+
+    def consumer(self, group: str, topics: Sequence[str], start: str) -> ConsumerClient:
+        from ._kafka_clients import KafkaConsumerImpl
+
+        return KafkaConsumerImpl(self.url, group, topics, start)
+
+    def committed_records(self, topic: str) -> list[Record]:
+        from ._kafka_clients import read_committed
+
+        return read_committed(self.url, topic)
+
+    def committed_state(
+        self, app: str, step_topics: dict[str, str]
+    ) -> tuple[dict[tuple[str, int, str], bytes], set[tuple[str, int, str]]]:
+        """The fold of the changelog topics: the committed state rows and dedup ids."""
+        state: dict[tuple[str, int, str], bytes] = {}
+        ids: set[tuple[str, int, str]] = set()
+        for source in sorted(set(step_topics.values())):
+            latest: dict[tuple[int, str], bytes] = {}
+            for rec in self.committed_records(f"{app}.{source}.changelog"):
+                latest[(rec.partition, rec.key or "")] = rec.value
+            for (part, raw_key), value in latest.items():
+                kind, _, rest = raw_key.partition("\x00")
+                step, _, key = rest.partition("\x00")
+                if not value:
+                    continue  # a tombstone
+                if kind == "s":
+                    state[(step, part, key)] = value
+                elif kind == "d":
+                    ids.add((step, part, key))
+        return state, ids
+
+
+if TYPE_CHECKING:
+    # The seam, checked by mypy: each class is what the App and the sinks ask for.
+    _b: Backend = KafkaBackend("")
+    _s: Session = KafkaSession.__new__(KafkaSession)
+    _t: Transaction = KafkaTransaction.__new__(KafkaTransaction)
+    _l: RebalanceListener = _NO_LISTENER

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from ._errors import ConfigError, StoreError
@@ -208,6 +208,17 @@ class KafkaConsumerImpl:
         # The fetcher's end-of-partition event steps over transaction markers, which
         # the consumer's position never passes.
         return all((tp.topic, tp.partition) in self._eof for tp in self.consumer.assignment())
+
+    def drained(self) -> Iterator[Record]:
+        """Records until caught up. A group consumer has no partitions until the group
+        assigns them, so "drained" means assigned and at the end of each, not one empty
+        poll."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            batch = self.poll(1000, 0.2)
+            yield from batch
+            if not batch and self.caught_up():
+                return
 
     def position(self, topic: str, partition: int) -> int:
         return self._positions.get((topic, partition), 0)

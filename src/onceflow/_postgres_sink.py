@@ -30,12 +30,16 @@ import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._errors import ConfigError, FencedError, MissingExtraError, UnavailableError
 from ._sink_fences import SCHEMA as FENCE_SCHEMA
 from ._sink_fences import PartitionFences
-from ._sinks import Row, Sink, check_identifier
+from ._sinks import Row, Sink, SinkContext, check_identifier, sql_of
+
+if TYPE_CHECKING:
+    from ._backend import Transaction
+    from ._sqlite import SQLiteStore
 
 log = logging.getLogger("onceflow")
 T = TypeVar("T")
@@ -176,6 +180,7 @@ class PostgresSink(Sink):
         self._down = False
         # Set on Kafka: per-partition fences, and the intents that recovery decides from.
         self._fences: PartitionFences | None = None
+        self._store: SQLiteStore | None = None
 
     # -- connection -----------------------------------------------------------------
 
@@ -246,20 +251,39 @@ class PostgresSink(Sink):
 
     # -- lifecycle (Sink hooks) -----------------------------------------------------
 
-    def open(self, app: str, conn: sqlite3.Connection) -> None:
-        self._app = app
-        self._backend = "embedded"
-        self._reachable(lambda pg: self._open_embedded(pg, conn))
+    def open(self, context: SinkContext) -> None:
+        """Nothing is resolved here: what is in doubt is, once the partitions are ours.
 
-    def _open_embedded(self, pg: Any, conn: sqlite3.Connection) -> None:
+        The coordinator's record of a prepared id is a row in the store's own
+        transaction where the backend has SQL tables (fenced by one epoch per process);
+        elsewhere it is the transaction's consumer offsets, fenced per input partition
+        (`_sink_fences.py`)."""
+        super().open(context)
+        self._app = context.app
+        self._backend = context.backend
+        self._gid = None
+        store = context.session.sql_store
+        self._store = store
+        if store is None:
+            self._fences = PartitionFences(context.app, self.name, context.session.committed_of)
+            self._reachable(self._open_partitioned)
+            return
+        self._fences = None
+        self._reachable(self._check_server)
+        with store.lock:
+            store.conn.execute(
+                "CREATE TABLE IF NOT EXISTS sink_txns(app TEXT NOT NULL, sink TEXT NOT NULL, "
+                "gid TEXT NOT NULL, PRIMARY KEY(app, sink)) WITHOUT ROWID"
+            )
+
+    def _open_partitioned(self, pg: Any) -> None:
         self._check_server(pg)
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS sink_txns(app TEXT NOT NULL, sink TEXT NOT NULL, "
-            "gid TEXT NOT NULL, PRIMARY KEY(app, sink)) WITHOUT ROWID"
-        )
+        if self.table is not None:
+            self._check_table(pg)
+
+    def _assigned_store(self, pg: Any, conn: sqlite3.Connection) -> None:
         # First: an in-doubt prepared transaction holds row locks (on the epoch row, say)
         # that anything below would wait on forever.
-        self._gid = None
         self.recover(conn)
         pg.execute(
             "INSERT INTO onceflow_sink_epochs(app, sink, epoch) VALUES(%s, %s, 0) "
@@ -269,25 +293,18 @@ class PostgresSink(Sink):
         if self.table is not None:
             self._check_table(pg)
 
-    def open_on_kafka(self, app: str, session: Any) -> None:
-        """Kafka: nothing is resolved here; each partition is, when this worker gets it."""
-        self._app = app
-        self._backend = "kafka"
-        self._gid = None
-        self._fences = PartitionFences(app, self.name, session.committed_of)
-        self._reachable(self._open_kafka)
-
-    def _open_kafka(self, pg: Any) -> None:
-        self._check_server(pg)
-        if self.table is not None:
-            self._check_table(pg)
-
-    def partitions_assigned(self, parts: list[tuple[str, int]]) -> None:
-        fences = self._fences
+    def partitions_assigned(self, parts: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """Before this process reads the partitions: what is in doubt on them decides
+        where reading starts, so this waits for PostgreSQL. Returns the offsets
+        PostgreSQL recorded, which are where to resume if they are ahead."""
+        fences, store = self._fences, self._store
         if fences is not None:
-            # Before this worker reads the partitions: what is in doubt on them decides
-            # where reading starts, so this waits for PostgreSQL.
             self._reachable(lambda pg: fences.acquire(pg, parts))
+        elif store is not None:
+            with store.lock:
+                self._reachable(lambda pg: self._assigned_store(pg, store.conn))
+        wanted = set(parts)
+        return {tp: off for tp, off in self.committed_positions().items() if tp in wanted}
 
     def partitions_revoked(self, parts: list[tuple[str, int]]) -> None:
         if self._fences is not None:
@@ -578,18 +595,18 @@ class PostgresSink(Sink):
                 "action: add one (ON CONFLICT needs it)"
             ) from exc
 
-    def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+    def write(self, txn: Transaction, rows: Sequence[Row]) -> None:
         """Inside the store's transaction: the coordinator's record of the prepared id.
-        On Kafka the transaction's consumer offsets are that record already."""
+        Fenced per partition, the transaction's consumer offsets are that record."""
         if self._gid is None or self._fences is not None:
             return
-        conn.execute(
+        sql_of(txn, self.name).execute(
             "INSERT INTO sink_txns(app, sink, gid) VALUES(?,?,?) "
             "ON CONFLICT(app, sink) DO UPDATE SET gid=excluded.gid",
             (self._app, self.name, self._gid),
         )
 
-    def after_commit(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+    def after_commit(self, rows: Sequence[Row]) -> None:
         """Phase 3, once the store committed: COMMIT PREPARED. If PostgreSQL is away it
         stays in doubt, committed before the next prepare (or when idle, or by the next
         start's recovery, which finds it recorded): the App goes on meanwhile."""

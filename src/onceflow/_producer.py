@@ -10,12 +10,11 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
+from ._backend import ProducerClient, open_backend
 from ._errors import ConfigError, OutOfOrderSequenceError, ProducerFencedError, StoreError
-from ._kafka_clients import KafkaProducerImpl
-from ._kafka_common import is_kafka
 from ._records import Columns, SendResult
 from ._serde import encode_value
-from ._sqlite import SQLiteStore, ensure_producer_tables, partition_for, store_path
+from ._sqlite import SQLiteStore, ensure_producer_tables, partition_for
 
 # A send whose transaction failed may or may not have committed; it is retried with the
 # sequence numbers the failed attempt took, which makes the retry find the first attempt's
@@ -78,48 +77,16 @@ class Producer:
         partitions: int = 1,
     ) -> None:
         self.producer_id = producer_id or f"p-{uuid.uuid4().hex[:12]}"
-        # One embedded send at a time per Producer: a send's retries reuse the sequence
-        # numbers its failed attempt took, which another thread's send must not take.
-        self._lock = threading.Lock()
         self._closed = False
-        self._fenced: str | None = None
-        self._kafka: KafkaProducerImpl | None = None
-        if is_kafka(os.fspath(store)):
-            self._kafka = KafkaProducerImpl(os.fspath(store), self.producer_id, partitions)
-            return
-        self._store = SQLiteStore(store_path(store))
-        self._default_partitions = partitions
-        try:
-            self._epoch = self._open_session()
-        except BaseException:
-            self._store.close()
-            raise
-
-    def _open_session(self) -> int:
-        """Raise the producer id's epoch: from now on only this session may send."""
-        with self._store.transaction() as conn:
-            ensure_producer_tables(conn)
-            row = conn.execute(
-                "SELECT epoch FROM producer_sessions WHERE producer_id=?", (self.producer_id,)
-            ).fetchone()
-            epoch = 1 if row is None else int(row[0]) + 1
-            conn.execute(
-                "INSERT INTO producer_sessions(producer_id, epoch, opened) VALUES(?,?,?) "
-                "ON CONFLICT(producer_id) DO UPDATE SET epoch=excluded.epoch, "
-                "opened=excluded.opened",
-                (self.producer_id, epoch, time.time()),
-            )
-        return epoch
+        self._close_lock = threading.Lock()
+        self._client: ProducerClient = open_backend(store).producer(self.producer_id, partitions)
 
     def close(self) -> None:
-        with self._lock:
+        with self._close_lock:
             if self._closed:
                 return
             self._closed = True
-            if self._kafka is not None:
-                self._kafka.close()
-                return
-            self._store.close()
+            self._client.close()
 
     def __enter__(self) -> Producer:
         return self
@@ -129,13 +96,7 @@ class Producer:
 
     def last_sequence(self, topic: str, partition: int) -> int:
         """The last sequence this producer id stored in a partition, -1 if none."""
-        if self._kafka is not None:
-            return self._kafka.last_sequence(topic, partition)
-        found = self._store.topic(topic)
-        if found is None:
-            return -1
-        with self._store.lock:
-            return _stored_last(self._store.conn, self.producer_id, found[0], partition)
+        return self._client.last_sequence(topic, partition)
 
     def send(
         self,
@@ -175,8 +136,66 @@ class Producer:
             raise ConfigError("sequences= must give one sequence per item")
         if self._closed:
             raise ConfigError(f"producer '{self.producer_id}' is closed; open a new one")
-        if self._kafka is not None:
-            return self._kafka.send_batch(topic, items, headers, partition, sequences, timestamp)
+        return self._client.send_batch(topic, items, headers, partition, sequences, timestamp)
+
+
+class EmbeddedProducer:
+    """The embedded log's side of `Producer`: fenced sessions and sequences in the store."""
+
+    def __init__(self, store: SQLiteStore, producer_id: str, partitions: int) -> None:
+        self.producer_id = producer_id
+        # One embedded send at a time per Producer: a send's retries reuse the sequence
+        # numbers its failed attempt took, which another thread's send must not take.
+        self._lock = threading.Lock()
+        self._closed = False
+        self._fenced: str | None = None
+        self._store = store
+        self._default_partitions = partitions
+        try:
+            self._epoch = self._open_session()
+        except BaseException:
+            self._store.close()
+            raise
+
+    def _open_session(self) -> int:
+        """Raise the producer id's epoch: from now on only this session may send."""
+        with self._store.transaction() as conn:
+            ensure_producer_tables(conn)
+            row = conn.execute(
+                "SELECT epoch FROM producer_sessions WHERE producer_id=?", (self.producer_id,)
+            ).fetchone()
+            epoch = 1 if row is None else int(row[0]) + 1
+            conn.execute(
+                "INSERT INTO producer_sessions(producer_id, epoch, opened) VALUES(?,?,?) "
+                "ON CONFLICT(producer_id) DO UPDATE SET epoch=excluded.epoch, "
+                "opened=excluded.opened",
+                (self.producer_id, epoch, time.time()),
+            )
+        return epoch
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._store.close()
+
+    def last_sequence(self, topic: str, partition: int) -> int:
+        found = self._store.topic(topic)
+        if found is None:
+            return -1
+        with self._store.lock:
+            return _stored_last(self._store.conn, self.producer_id, found[0], partition)
+
+    def send_batch(
+        self,
+        topic: str,
+        items: list[tuple[str | None, Any, str | None]],
+        headers: dict[str, str] | None,
+        partition: int | None,
+        sequences: list[int] | None,
+        timestamp: float | None,
+    ) -> list[SendResult]:
         with self._lock:
             if self._closed:
                 raise ConfigError(f"producer '{self.producer_id}' is closed; open a new one")

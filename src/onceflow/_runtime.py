@@ -20,9 +20,9 @@ from typing import Any
 
 from ._dataflow import Step
 from ._errors import FencedError, UnavailableError, UserFunctionError
+from ._hooks import _Fanout
 from ._records import Columns
 from ._serde import copy_state, decode_state, dump_state, encode_state, encoder_for, load_state
-from ._sqlite import partition_for
 from ._state import DEFAULT_CACHE_KEYS, MISSING, State, StepState
 
 Item = tuple[Any, Any, int]
@@ -127,8 +127,8 @@ class Executor:
         dedups: dict[str, DedupStep],
         load_dedup: Callable[[str, list[tuple[int, str]]], dict[tuple[int, str], Any]],
         partitions_of: Callable[[str], int],
-        hooks: Any,
-        partition_for: Callable[[str | None, int, int], int] = partition_for,
+        partition_for: Callable[[str | None, int, int], int],
+        hooks: _Fanout,
     ) -> None:
         self.partitions_of = partitions_of
         self.partition_for = partition_for

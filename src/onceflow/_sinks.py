@@ -15,10 +15,15 @@ import os
 import re
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from ._errors import ConfigError, FencedError
 from ._serde import encode_value
+
+if TYPE_CHECKING:
+    from ._backend import Session, Transaction
+    from ._sqlite import SQLiteStore
 
 Guarantee = Literal["transactional", "idempotent", "at-least-once"]
 Row = tuple[Any, Any, tuple[str, int, int, int]]
@@ -33,34 +38,61 @@ def check_identifier(name: str, what: str) -> str:
     return f'"{name}"'
 
 
+@dataclass(frozen=True)
+class SinkContext:
+    """What a sink is opened with, on any backend."""
+
+    app: str
+    # The backend's name (`_backend.BACKENDS`), for sinks that record which backend
+    # owns their bookkeeping in another system.
+    backend: str
+    # The session this process holds its partitions through: every write of the sink
+    # goes through its fenced transactions.
+    session: Session
+    # The fault injector of the protocol steps.
+    crash: Callable[[str], None]
+    # Whether the App is stopping: a sink waiting out an outage gives up then. None
+    # when no App runs the sink, which then raises an outage at once.
+    stopping: Callable[[], bool] | None
+    dead_letter_topic: str
+
+
 class Sink:
     """Base class. A sink receives `(key, value, row_id)` rows of one epoch.
 
     `row_id` is (source topic, partition, offset, output index): deterministic, so an
     idempotent sink can upsert by it.
+
+    Its lifecycle, on every backend: `open(context)` once at start; then
+    `partitions_assigned` before the App reads partitions this process just got (once,
+    with every partition, on the embedded store) and `partitions_revoked` after it lost
+    some; per epoch `prepare` (before the store's transaction), `write` (inside it) and
+    `after_commit` or `abort`; `close` when the App stops.
     """
 
     guarantee: ClassVar[Guarantee] = "at-least-once"
     # Whether the sink writes into the embedded store's own tables (or outbox); such
-    # sinks cannot run on Kafka. The others implement `open_on_kafka`.
+    # sinks cannot run on a backend without them (Kafka), which `App.build` refuses.
     needs_store: ClassVar[bool] = True
     name: str = "sink"
-    # Set by `bind`: the backend session whose fence every write of the sink checks, and
-    # the fault injector of the protocol steps.
-    _session: Any = None
+    _context: SinkContext | None = None
     _crash: Callable[[str], None] = staticmethod(lambda point: None)
-    # Whether the App is stopping: a sink waiting out an outage gives up then. None
-    # when no App runs the sink, which then raises an outage at once.
     _stopping: Callable[[], bool] | None = None
 
-    def bind(
-        self, session: Any, crash: Callable[[str], None], stopping: Callable[[], bool]
-    ) -> None:
-        """Called by the App before `open`/`open_on_kafka`: the session this process
-        holds its partitions through, the fault injector, and whether it is stopping."""
-        self._session = session
-        self._crash = crash
-        self._stopping = stopping
+    def open(self, context: SinkContext) -> None:
+        """Called once at start, before any partition is assigned. A subclass calls
+        `super().open(context)` first."""
+        self._context = context
+        self._crash = context.crash
+        self._stopping = context.stopping
+
+    def _sql_store(self) -> SQLiteStore:
+        """The embedded store, for a sink that keeps its rows in its tables."""
+        ctx = self._context
+        store = None if ctx is None else ctx.session.sql_store
+        if store is None:
+            raise AssertionError(f"sink '{self.name}' needs the embedded store, opened")
+        return store
 
     @contextlib.contextmanager
     def fenced(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -69,39 +101,33 @@ class Sink:
         of its own that first checks, inside itself, that this process still holds its
         leases: a paused process that resumes after a successor took over is refused
         here (`FencedError`) and writes nothing."""
-        s = self._session
-        if s is None or not hasattr(s, "store"):
-            raise AssertionError(f"sink '{self.name}' wrote its bookkeeping before bind()")
-        conn = s.begin()
+        self._sql_store()
+        assert self._context is not None
+        txn = self._context.session.transaction()
         try:
             try:
-                s.check_fence(conn)
+                txn.check_fence()
             except FencedError as exc:
                 raise FencedError(f"sink '{self.name}' cannot record {what}: {exc}") from exc
-            yield conn
+            yield sql_of(txn, self.name)
         except BaseException:
-            s.rollback(conn)
+            txn.rollback()
             raise
-        s.commit(conn)
+        txn.commit()
 
     def retry_pending(self) -> None:
         """Called by the App loop while it has no input: work the sink left pending
         because a system was unreachable (effects not yet called, a prepared transaction
         not yet committed) is retried here, on the sink's own backoff schedule."""
 
-    def open(self, app: str, conn: sqlite3.Connection) -> None:
-        """Called once at start, before any epoch; recover anything pending here."""
-
-    def open_on_kafka(self, app: str, session: Any) -> None:
-        """On the Kafka backend, instead of `open`: once at start, before any partition
-        is assigned."""
-
-    def partitions_assigned(self, parts: list[tuple[str, int]]) -> None:
-        """Kafka: this worker just got `parts`, before reading them; recover what is
-        pending on them here."""
+    def partitions_assigned(self, parts: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """This process just got `parts`, before reading them: recover what is pending
+        on them here. Returns the offsets the sink recorded as done where the App must
+        not read below them (a store restored from an older backup, say)."""
+        return {}
 
     def partitions_revoked(self, parts: list[tuple[str, int]]) -> None:
-        """Kafka: `parts` went to another worker (their epoch was committed or dropped)."""
+        """`parts` went to another process (their epoch was committed or dropped)."""
 
     def prepare(
         self, rows: Sequence[Row], positions: dict[tuple[str, int], int], fence: int
@@ -111,14 +137,22 @@ class Sink:
     def abort(self) -> None:
         """Called when the epoch did not commit, after `prepare`."""
 
-    def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
-        """Called inside the epoch's transaction."""
+    def write(self, txn: Transaction, rows: Sequence[Row]) -> None:
+        """Called inside the epoch's transaction; `txn.sql` is the embedded store's
+        connection in it (None on Kafka)."""
 
-    def after_commit(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+    def after_commit(self, rows: Sequence[Row]) -> None:
         """Called once the epoch is durable."""
 
     def close(self) -> None:
         """Called when the App stops."""
+
+
+def sql_of(txn: Transaction, sink: str) -> sqlite3.Connection:
+    """The store's connection in `txn`, for a sink that writes into the store's tables."""
+    if txn.sql is None:
+        raise AssertionError(f"sink '{sink}' writes SQL, and the backend has no SQL store")
+    return txn.sql
 
 
 class SQLiteTableSink(Sink):
@@ -164,9 +198,12 @@ class SQLiteTableSink(Sink):
             f"INSERT INTO {self._qt} ({cols}) VALUES({marks}) ON CONFLICT({keys}) {conflict}"
         )
 
-    def open(self, app: str, conn: sqlite3.Connection) -> None:
-        conn.execute(self._create)
-        have = {r[1] for r in conn.execute(f"PRAGMA table_info({self._qt})")}
+    def open(self, context: SinkContext) -> None:
+        super().open(context)
+        store = self._sql_store()
+        with store.lock:
+            store.conn.execute(self._create)
+            have = {r[1] for r in store.conn.execute(f"PRAGMA table_info({self._qt})")}
         lacking = [c for c in self.columns if c not in have]
         if lacking:
             raise ConfigError(
@@ -174,7 +211,8 @@ class SQLiteTableSink(Sink):
                 "operator action: add them or point the sink at another table"
             )
 
-    def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+    def write(self, txn: Transaction, rows: Sequence[Row]) -> None:
+        conn = sql_of(txn, self.name)
         cols = self.columns
         try:
             params = [tuple(v[c] for c in cols) for _, v, _ in rows]
@@ -216,16 +254,20 @@ class FileSink(Sink):
         self.name = name or f"file-{os.path.basename(self.path)}"
         self._app = ""
 
-    def open(self, app: str, conn: sqlite3.Connection) -> None:
-        self._app = app
+    def open(self, context: SinkContext) -> None:
+        super().open(context)
+        self._app = context.app
+
+    def partitions_assigned(self, parts: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """With the leases taken: cut what a delivery left unfinished, deliver the rest."""
         with self.fenced("its start") as c:
             c.execute(
                 "INSERT OR IGNORE INTO sink_progress(app, sink, next_seq, flushed_seq, "
                 "position) VALUES(?,?,0,-1,0)",
-                (app, self.name),
+                (self._app, self.name),
             )
             (pos,) = c.execute(
-                "SELECT position FROM sink_progress WHERE app=? AND sink=?", (app, self.name)
+                "SELECT position FROM sink_progress WHERE app=? AND sink=?", (self._app, self.name)
             ).fetchone()
             # Whatever lies past the recorded position is a delivery that did not finish
             # (a crash, or a zombie's write of a pending epoch, rewritten below).
@@ -237,8 +279,10 @@ class FileSink(Sink):
             finally:
                 os.close(fd)
         self._flush()
+        return {}
 
-    def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+    def write(self, txn: Transaction, rows: Sequence[Row]) -> None:
+        conn = sql_of(txn, self.name)
         data = b"".join(encode_value(v).replace(b"\n", b"\\n") + b"\n" for _, v, _ in rows)
         (seq,) = conn.execute(
             "SELECT next_seq FROM sink_progress WHERE app=? AND sink=?", (self._app, self.name)
@@ -252,30 +296,24 @@ class FileSink(Sink):
             (seq + 1, self._app, self.name),
         )
 
-    def after_commit(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+    def after_commit(self, rows: Sequence[Row]) -> None:
         self._flush()
 
     def _flush(self) -> None:
         """Deliver every committed, undelivered epoch in order, at its recorded position."""
-        s = self._session
-        with s.store.lock:
-            # One snapshot: a position read before a successor's delivery and epochs
-            # read after it would put an epoch's bytes at another one's offset.
-            s.conn.execute("BEGIN")
-            try:
-                # Not relied upon (the record below is fenced): it spares a zombie the
-                # pointless rewrite of epochs its successor delivers.
-                s.check_fence(s.conn)
-                (flushed, pos) = s.conn.execute(
-                    "SELECT flushed_seq, position FROM sink_progress WHERE app=? AND sink=?",
-                    (self._app, self.name),
-                ).fetchone()
-                pending = s.conn.execute(
-                    "SELECT seq, data FROM outbox WHERE app=? AND sink=? ORDER BY seq",
-                    (self._app, self.name),
-                ).fetchall()
-            finally:
-                s.conn.execute("COMMIT")
+        # One snapshot: a position read before a successor's delivery and epochs read
+        # after it would put an epoch's bytes at another one's offset. Its fence check
+        # is not relied upon (the record below is fenced): it spares a zombie the
+        # pointless rewrite of epochs its successor delivers.
+        with self.fenced("what it delivers") as c:
+            (flushed, pos) = c.execute(
+                "SELECT flushed_seq, position FROM sink_progress WHERE app=? AND sink=?",
+                (self._app, self.name),
+            ).fetchone()
+            pending = c.execute(
+                "SELECT seq, data FROM outbox WHERE app=? AND sink=? ORDER BY seq",
+                (self._app, self.name),
+            ).fetchall()
         for seq, data in pending:
             self._write_at(pos, data)
             self._crash("sink_delivered")
@@ -332,6 +370,6 @@ class CallbackSink(Sink):
         self.fn = fn
         self.name = name
 
-    def write(self, conn: sqlite3.Connection, rows: Sequence[Row]) -> None:
+    def write(self, txn: Transaction, rows: Sequence[Row]) -> None:
         for k, v, _ in rows:
             self.fn(k, v)

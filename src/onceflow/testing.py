@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ._app import App
+from ._backend import open_backend
 from ._crash import CRASH_POINTS, CrashInjector, SimulatedCrash
 from ._dataflow import STATEFUL
 from ._errors import ConfigError
-from ._kafka_common import is_kafka
 from ._producer import Producer
 from ._records import Record
 from ._serde import load_state
-from ._sqlite import SQLiteStore
 
 __all__ = [
     "CRASH_POINTS",
@@ -163,70 +162,24 @@ def output_topics(app: App) -> list[str]:
 
 def snapshot(app: App, store: str | None = None) -> Snapshot:
     """Read the committed outputs, state and dedup ids of `app` from its store."""
-    if is_kafka(store or app.store):
-        return _kafka_snapshot(app, store or app.store)
-    st = SQLiteStore(store or app.store)
+    backend = open_backend(store or app.store)
     snap = Snapshot()
-    try:
-        for topic in output_topics(app):
-            for part in st.end_offsets(topic):
-                for rec in st.read_records(topic, part, 0, 1 << 62):
-                    hdrs = tuple(sorted((rec.headers or {}).items()))
-                    snap.outputs.setdefault((topic, rec.key), []).append((rec.value, rec.id, hdrs))
-        stateful = {s.name for s in app._steps if s.kind in STATEFUL}
-        with st.lock:
-            for step, part, key, value in st.conn.execute(
-                "SELECT step, part, key, value FROM state WHERE app=?", (app.name,)
-            ):
-                if step in stateful:
-                    snap.state[(step, part, key)] = load_state(value)
-            for step, part, bid in st.conn.execute(
-                "SELECT step, part, id FROM dedup WHERE app=?", (app.name,)
-            ):
-                snap.dedup_ids.add((step, part, bid))
-    finally:
-        st.close()
+    for topic in output_topics(app):
+        for rec in backend.committed_records(topic):
+            hdrs = tuple(sorted((rec.headers or {}).items()))
+            snap.outputs.setdefault((topic, rec.key), []).append((rec.value, rec.id, hdrs))
+    stateful = {s.name for s in app._steps if s.kind in STATEFUL}
+    state, ids = backend.committed_state(app.name, app._step_topics())
+    for (step, part, key), value in state.items():
+        if step in stateful:
+            snap.state[(step, part, key)] = load_state(value)
+    snap.dedup_ids = ids
     return snap
 
 
 def _committed(store: str, topic: str) -> list[Record]:
     """Every committed record of `topic`, partition by partition, on either backend."""
-    if is_kafka(store):
-        from ._kafka_clients import read_committed
-
-        return read_committed(store, topic)
-    st = SQLiteStore(store)
-    try:
-        return [
-            rec
-            for part in st.end_offsets(topic)
-            for rec in st.read_records(topic, part, 0, 1 << 62)
-        ]
-    finally:
-        st.close()
-
-
-def _kafka_snapshot(app: App, store: str) -> Snapshot:
-    """On Kafka the committed state is the fold of the changelog topics."""
-    snap = Snapshot()
-    for topic in output_topics(app):
-        for rec in _committed(store, topic):
-            hdrs = tuple(sorted((rec.headers or {}).items()))
-            snap.outputs.setdefault((topic, rec.key), []).append((rec.value, rec.id, hdrs))
-    for source in sorted(set(app._step_topics().values())):
-        latest: dict[tuple[int, str], bytes] = {}
-        for rec in _committed(store, f"{app.name}.{source}.changelog"):
-            latest[(rec.partition, rec.key or "")] = rec.value
-        for (part, raw_key), value in latest.items():
-            kind, _, rest = raw_key.partition("\x00")
-            step, _, key = rest.partition("\x00")
-            if not value:
-                continue  # a tombstone
-            if kind == "s":
-                snap.state[(step, part, key)] = load_state(value)
-            elif kind == "d":
-                snap.dedup_ids.add((step, part, key))
-    return snap
+    return open_backend(store).committed_records(topic)
 
 
 def run_with_crashes(
