@@ -841,6 +841,9 @@ class KafkaSession:
         replaces another keeps the replaced one's client id in the group.)"""
         self._note_member_id()
         group = self.url.topic(self.app)
+        if not self._coordinator_answers():
+            self._outage.down(f"describing group {group}: no broker answers")
+            return None
         try:
             futures = self.admin.describe_consumer_groups([group], request_timeout=10.0)
             desc = futures[group].result()
@@ -851,6 +854,14 @@ class KafkaSession:
             m.group_instance_id == self._slot_id and m.member_id not in self._member_ids
             for m in desc.members
         )
+
+    def _coordinator_answers(self) -> bool:
+        """Before a request to the group coordinator through the admin client: whether a
+        broker answers now. librdkafka 2.16 aborts the whole process when such a request
+        times out or loses its connection (librdkafka#4605, fix pending in #5397), so
+        none is sent while Kafka is unreachable; the window left is a broker dying in the
+        milliseconds the request takes."""
+        return self._reachable(2.0)
 
     def _note_member_id(self) -> None:
         """Remember the consumer's group member id (it changes when it rejoins)."""
@@ -1722,6 +1733,9 @@ class KafkaSession:
         req = self.ck.ConsumerGroupTopicPartitions(
             group, [self.ck.TopicPartition(self.url.topic(t), p) for t, p in parts]
         )
+        if not self._coordinator_answers():
+            self._outage.down(f"reading the offsets of group {group}: no broker answers")
+            raise UnavailableError(f"cannot read the offsets of group {group}: no broker answers")
         try:
             futures = self.admin.list_consumer_group_offsets(
                 [req], require_stable=True, request_timeout=TXN_TIMEOUT_S
