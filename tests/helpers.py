@@ -61,3 +61,39 @@ def run_until_idle(
     code = child.wait(timeout)
     assert code in ((0, -9) if crash_at else (0,)), child.stderr()
     return child.killed
+
+
+def zombie_beside(zombie: Any, point: str, successor: Any) -> BaseException | None:
+    """Run `zombie` (an App) in a thread, pause it in-process at `point` (its first
+    time there), run `successor()` to the end meanwhile, then let the zombie resume.
+    Returns what the zombie's run raised (None if it returned)."""
+    import threading
+
+    from onceflow._crash import CrashInjector
+
+    reached, release = threading.Event(), threading.Event()
+
+    def hold(_point: str) -> None:
+        reached.set()
+        release.wait(60)
+
+    zombie._crash = CrashInjector(None, "raise", pause=f"{point}:1", on_pause=hold)
+    outcome: list[BaseException | None] = []
+
+    def run_zombie() -> None:
+        try:
+            zombie.run(until_idle=True)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=run_zombie)
+    t.start()
+    try:
+        assert reached.wait(60), f"the zombie never reached {point}"
+        successor()
+    finally:
+        release.set()
+        t.join(60)
+    assert len(outcome) == 1, outcome
+    return outcome[0]

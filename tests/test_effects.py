@@ -14,13 +14,12 @@ from click.testing import CliRunner
 
 from onceflow import App, ConfigError, EffectSink, FencedError, HttpEffectSink, PermanentError
 from onceflow._cli import cli
-from onceflow._crash import CrashInjector
 from onceflow._sqlite import SQLiteStore
 from onceflow._status import status
 from onceflow._supervisor import wait_until
 from onceflow.testing import Event, send
 
-from .helpers import read_all, run_until_idle
+from .helpers import read_all, run_until_idle, zombie_beside
 from .payment_server import PaymentServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,32 +77,12 @@ def test_a_paused_recorder_is_fenced_and_settles_nothing(
     store = str(tmp_path / "fx.db")
     evs = payments(30)
     send(store, evs)
-    reached, release = threading.Event(), threading.Event()
-
-    def hold(point: str) -> None:
-        reached.set()
-        release.wait(60)
-
     zombie = one_epoch_charges(store, server.url)
-    zombie._crash = CrashInjector(None, "raise", pause="effect_called:1", on_pause=hold)
-    outcome: list[BaseException | None] = []
 
-    def run_zombie() -> None:
-        try:
-            zombie.run(until_idle=True)
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
-
-    t = threading.Thread(target=run_zombie)
-    t.start()
-    try:
-        assert reached.wait(60)
+    def successor() -> None:
         one_epoch_charges(store, server.url).run(until_idle=True)
-    finally:
-        release.set()
-        t.join(60)
-    assert len(outcome) == 1 and isinstance(outcome[0], FencedError), outcome
+
+    assert isinstance(zombie_beside(zombie, "effect_called", successor), FencedError)
     good = sorted(e.value["id"] for e in evs if e.value["amount"] >= 0)
     assert sorted(v["id"] for v in server.applied.values()) == good
     dead = read_all(store, "charges.dead-letters")

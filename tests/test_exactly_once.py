@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from onceflow import App, FencedError, Hooks, Producer
-from onceflow._crash import CrashInjector
 from onceflow._supervisor import Child
 from onceflow.testing import (
     CRASH_POINTS,
@@ -28,7 +27,7 @@ from onceflow.testing import (
 )
 
 from . import pipelines
-from .helpers import read_all, run_until_idle
+from .helpers import read_all, run_until_idle, zombie_beside
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -162,36 +161,16 @@ def test_a_paused_file_deliverer_neither_records_nor_cuts_committed_lines(
     monkeypatch.setenv("ONCEFLOW_TEST_FILE", str(out))
     events = [e for e in amount_events(90, seed=11) if isinstance(e, Event)]
     send(store, events[:60])
-    reached, release = threading.Event(), threading.Event()
-
-    def hold(point: str) -> None:
-        reached.set()
-        release.wait(60)
-
     zombie = pipelines.with_sinks()
     zombie.store = store
-    zombie._crash = CrashInjector(None, "raise", pause=f"{point}:1", on_pause=hold)
-    outcome: list[BaseException | None] = []
 
-    def run_zombie() -> None:
-        try:
-            zombie.run(until_idle=True)
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
+    def successor() -> None:
+        app = pipelines.with_sinks()
+        app.store = store
+        app.run(until_idle=True)
 
-    t = threading.Thread(target=run_zombie)
-    t.start()
-    try:
-        assert reached.wait(60)
-        successor = pipelines.with_sinks()
-        successor.store = store
-        successor.run(until_idle=True)
-    finally:
-        release.set()
-        t.join(60)
     # Fenced at the delivery it was paused in: its first commit never returned.
-    assert len(outcome) == 1 and isinstance(outcome[0], FencedError), outcome
+    assert isinstance(zombie_beside(zombie, point, successor), FencedError)
     assert zombie.stats.commits == 0
     # The next incarnation appends at the recorded position: nothing cut, nothing doubled.
     send(store, events[60:])

@@ -3,7 +3,6 @@ and resumes, and an in-process zombie that resumes after its successor took over
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,7 @@ from onceflow._supervisor import Child, wait_until
 from onceflow.testing import Event, diff, reference, send, snapshot
 
 from . import pipelines
-from .helpers import ROOT
+from .helpers import ROOT, zombie_beside
 
 
 def events(n: int) -> list[Event]:
@@ -67,34 +66,14 @@ def test_an_app_paused_before_its_commit_is_fenced_when_it_resumes(tmp_path: Pat
     store = str(tmp_path / "zombie.db")
     evs = events(40)
     send(store, evs)
-    reached, release = threading.Event(), threading.Event()
-
-    def hold(point: str) -> None:
-        reached.set()
-        release.wait(60)
-
     zombie = pipelines.running_sum()
     zombie.store = store
-    zombie._crash = CrashInjector(None, "raise", pause="before_commit:1", on_pause=hold)
-    outcome: list[BaseException | None] = []
 
-    def run_zombie() -> None:
-        try:
-            zombie.run(until_idle=True)
-            outcome.append(None)
-        except BaseException as exc:
-            outcome.append(exc)
+    def successor() -> None:
+        app = pipelines.running_sum()
+        app.store = store
+        app.run(until_idle=True)
 
-    t = threading.Thread(target=run_zombie)
-    t.start()
-    try:
-        assert reached.wait(60)
-        successor = pipelines.running_sum()
-        successor.store = store
-        successor.run(until_idle=True)
-    finally:
-        release.set()
-        t.join(60)
-    assert len(outcome) == 1 and isinstance(outcome[0], FencedError), outcome
+    assert isinstance(zombie_beside(zombie, "before_commit", successor), FencedError)
     expected = reference(pipelines.running_sum(), evs, store=tmp_path / "reference.db")
     assert diff(snapshot(pipelines.running_sum(), store), expected) == []
